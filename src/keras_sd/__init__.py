@@ -1,0 +1,3 @@
+"""keras-sd: Stable Diffusion in Keras 3."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,161 @@
+"""Map Keras variables to PyTorch-style state-dict names and back.
+
+Every keras-sd model names its sublayers after the matching PyTorch module
+(`down_blocks.0.resnets.1.conv1`, `encoder.layers.3.self_attn.q_proj`, ...), so
+the name of each variable in a diffusers/transformers state dict follows from
+the layer tree alone. This module is the one place that knows the layout
+difference: PyTorch stores `Linear` weights as [out, in] and `Conv2d` weights as
+[out, in, kh, kw]; Keras stores [in, out] and [kh, kw, in, out].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from keras import layers
+
+# Keras variable name -> PyTorch parameter name for the built-in layers we use.
+_PARAM_NAMES = {
+    layers.Dense: {"kernel": "weight", "bias": "bias"},
+    layers.Conv2D: {"kernel": "weight", "bias": "bias"},
+    layers.Embedding: {"embeddings": "weight"},
+    layers.LayerNormalization: {"gamma": "weight", "beta": "bias"},
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model it is loaded into."""
+
+
+def _param_name(layer, variable) -> str:
+    short = variable.path.split("/")[-1]
+    for cls, names in _PARAM_NAMES.items():
+        if isinstance(layer, cls):
+            return names[short]
+    return short
+
+
+def _direct_sublayers(layer):
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def _own_variables(layer):
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def named_variables(model) -> dict:
+    """Return `{torch_style_name: keras.Variable}` for every weight of `model`.
+
+    Names are the dotted path of layer names below `model` (the model's own
+    name is not included), followed by the PyTorch parameter name.
+
+    Example:
+    >>> from keras_sd.models.clip_text import CLIPTextEncoder
+    >>> enc = CLIPTextEncoder.from_preset_config("tiny")  # doctest: +SKIP
+    >>> sorted(named_variables(enc))[0]  # doctest: +SKIP
+    'embeddings.position_embedding.weight'
+    """
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} must be built before its weights can be named.")
+    out = {}
+
+    def visit(layer, prefix):
+        for var in _own_variables(layer):
+            out[prefix + _param_name(layer, var)] = var
+        for child in _direct_sublayers(layer):
+            visit(child, prefix + child.name + ".")
+
+    visit(model, "")
+    return out
+
+
+def torch_to_keras(value: np.ndarray, variable) -> np.ndarray:
+    """Convert one PyTorch-layout array to the layout of `variable`."""
+    value = np.asarray(value)
+    target = tuple(variable.shape)
+    if value.ndim == 4 and len(target) == 4:  # conv [O, I, kh, kw] -> [kh, kw, I, O]
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 4 and len(target) == 2 and value.shape[2:] == (1, 1):
+        # A 1x1 conv stored where we use a Dense layer (old VAE attention checkpoints).
+        value = value[:, :, 0, 0]
+    if value.ndim == 2 and _is_dense(variable):
+        return value.T
+    return value
+
+
+def keras_to_torch(value: np.ndarray, variable) -> np.ndarray:
+    """Convert the value of `variable` to PyTorch layout (inverse of `torch_to_keras`)."""
+    value = np.asarray(value)
+    if value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if value.ndim == 2 and _is_dense(variable):
+        return value.T
+    return value
+
+
+def _is_dense(variable) -> bool:
+    return variable.path.endswith("kernel")
+
+
+def _summarize(title: str, items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{len(items)} {title}: {shown}{more}"
+
+
+def load_state_dict(
+    model,
+    state_dict: dict,
+    prefix: str = "",
+    ignore: tuple[str, ...] = (),
+    strict: bool = True,
+) -> None:
+    """Assign a PyTorch-layout state dict to a built Keras model.
+
+    Args:
+        model: a built keras-sd model (or any layer tree named after PyTorch modules).
+        state_dict: mapping of names to arrays (numpy, or anything `np.asarray` takes).
+        prefix: stripped from every key before matching (e.g. `"text_model."`).
+        ignore: key suffixes that are not weights (buffers such as `position_ids`).
+        strict: when True, missing, unexpected or mis-shaped keys raise `CheckpointError`
+            naming them; nothing is assigned unless everything matches.
+
+    Example:
+    >>> load_state_dict(unet, torch_unet.state_dict())  # doctest: +SKIP
+    """
+    targets = named_variables(model)
+    source = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix) or any(key.endswith(s) for s in ignore):
+            continue
+        source[key[len(prefix) :]] = value
+    missing = sorted(set(targets) - set(source))
+    unexpected = sorted(set(source) - set(targets))
+    converted, mismatched = {}, []
+    for name in sorted(set(targets) & set(source)):
+        var = targets[name]
+        value = torch_to_keras(np.asarray(source[name]), var)
+        if tuple(value.shape) != tuple(var.shape):
+            mismatched.append(
+                f"{name} (checkpoint {tuple(np.shape(source[name]))}, model {tuple(var.shape)})"
+            )
+            continue
+        converted[name] = value
+    if strict and (missing or unexpected or mismatched):
+        parts = [f"Checkpoint does not match {type(model).__name__} {model.name!r}."]
+        if missing:
+            parts.append(_summarize("missing keys", [prefix + k for k in missing]))
+        if unexpected:
+            parts.append(_summarize("unexpected keys", [prefix + k for k in unexpected]))
+        if mismatched:
+            parts.append(_summarize("shape mismatches", [prefix + k for k in mismatched]))
+        raise CheckpointError(" ".join(parts))
+    for name, value in converted.items():
+        targets[name].assign(value)
+
+
+def export_state_dict(model, prefix: str = "") -> dict[str, np.ndarray]:
+    """Return the model's weights as a PyTorch-layout `{name: np.ndarray}` dict."""
+    return {
+        prefix + name: keras_to_torch(np.asarray(var.numpy()), var)
+        for name, var in named_variables(model).items()
+    }

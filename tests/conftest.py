@@ -1,0 +1,47 @@
+"""Shared test set-up: quiet backends, deterministic seeds, reference helpers."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def randomize_torch_module(module, seed: int = 0, std: float = 0.05) -> None:
+    """Fill every parameter of a PyTorch module with seeded random values.
+
+    Default initialisations leave some layers at zero or one (norm scales, some
+    output convolutions), which would let a wrong mapping pass unnoticed; random
+    values everywhere make each weight matter. Norm scales stay near one so
+    activations keep a sane size.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * std
+            is_norm_scale = param.ndim == 1 and "norm" in name and name.endswith("weight")
+            param.copy_(1.0 + noise if is_norm_scale else noise)
+
+
+def torch_state_dict(module) -> dict:
+    """A module's state dict as float32 numpy arrays."""
+    return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def max_abs_normalized_error(actual, expected) -> float:
+    """max |a - e| / max(std(e), 1e-6): the tolerance unit used by parity tests."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(expected.std(), 1e-6))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    np.random.seed(0)
