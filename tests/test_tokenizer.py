@@ -238,3 +238,16 @@ def test_errors(tokenizer, tmp_path):
     short.write_bytes(gzip.compress(b"#version: 0.2\ni n\nt h\n"))
     with pytest.raises(ValueError, match="vocab_path=.*short.txt.gz.*48894"):
         CLIPTokenizer(vocab_path=str(short))
+
+
+def test_save_vocabulary_matches_reference_files(tokenizer, hf_tokenizer, tmp_path):
+    """Our diffusers-folder files equal the ones built independently from open_clip."""
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    vocab_path, merges_path = tokenizer.save_vocabulary(tmp_path)
+    ours = HFCLIPTokenizer.from_pretrained(str(tmp_path))
+    assert ours.get_vocab() == hf_tokenizer.get_vocab()
+    prompts = [text for text, _ in _corpus()[:200]]
+    np.testing.assert_array_equal(_hf_ids(ours, prompts), _hf_ids(hf_tokenizer, prompts))
+    assert json.loads(open(vocab_path, encoding="utf-8").read())["<|endoftext|>"] == 49407
+    assert open(merges_path, encoding="utf-8").read().count("\n") == 48_894 + 1

@@ -12,7 +12,9 @@ import functools
 import gzip
 import html
 import importlib.resources
+import json
 import math
+import os
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -142,6 +144,7 @@ class CLIPTokenizer:
         self.pad_token = pad_token
 
         merges = _read_merges(self.vocab_path)
+        self._merges = merges
         symbols = list(bytes_to_unicode().values())
         self._id_to_token = [
             *symbols,
@@ -379,6 +382,32 @@ class CLIPTokenizer:
             data += b" " if word_end else b""
         # Token boundaries can split a multi-byte character; decode the bytes together.
         return data.decode("utf-8", errors="replace")
+
+    def save_vocabulary(self, directory) -> tuple[str, str]:
+        """Write `vocab.json` and `merges.txt`, the files of a diffusers `tokenizer/` folder.
+
+        Added tokens are not part of these files (diffusers keeps them in
+        `added_tokens.json`); the base vocabulary is written exactly.
+
+        Args:
+            directory: an existing folder.
+
+        Returns:
+            The paths of the two files written.
+
+        Example:
+            >>> import tempfile
+            >>> vocab, merges = CLIPTokenizer().save_vocabulary(tempfile.mkdtemp())
+            >>> vocab.endswith("vocab.json"), merges.endswith("merges.txt")
+            (True, True)
+        """
+        vocab_path = os.path.join(os.fspath(directory), "vocab.json")
+        merges_path = os.path.join(os.fspath(directory), "merges.txt")
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            json.dump({t: i for i, t in enumerate(self._id_to_token)}, f, ensure_ascii=False)
+        with open(merges_path, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in self._merges) + "\n")
+        return vocab_path, merges_path
 
     # -- config ---------------------------------------------------------------------------
 
