@@ -1,0 +1,299 @@
+"""`StableDiffusion`: the user-facing text-to-image class.
+
+Thin by design: validate -> tokenize -> encode -> compiled denoising loop ->
+decode -> uint8. The model math lives in `keras_sd.models`, the loop in
+`keras_sd.sampling`, the noise schedule in `keras_sd.schedulers`.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from keras import ops
+
+from keras_sd import backend, presets
+from keras_sd.models.clip_text import CLIPTextEncoder
+from keras_sd.models.unet import UNet
+from keras_sd.models.vae import VAEDecoder, VAEEncoder
+from keras_sd.sampling import Sampler
+from keras_sd.schedulers import DDIMScheduler
+from keras_sd.tokenizer import CLIPTokenizer
+
+
+class StableDiffusion:
+    """Stable Diffusion 1.x / 2.x text-to-image in Keras 3.
+
+    The constructor builds the architecture named by `config` with random
+    weights and downloads nothing; load weights with `from_preset` or
+    `from_checkpoint`, or assign components. The KerasCV signature
+    `StableDiffusion(img_width, img_height, jit_compile)` and attribute names
+    (`tokenizer`, `text_encoder`, `diffusion_model`, `decoder`, `image_encoder`)
+    are kept, so KerasCV code keeps working.
+
+    Args:
+        img_width: default image width in pixels, a multiple of the VAE factor (8).
+        img_height: default image height in pixels, likewise.
+        jit_compile: True (XLA), False or "auto" (XLA on GPUs only); the whole
+            denoising loop is one compiled program either way.
+        config: a model configuration name from `keras_sd.presets.MODEL_CONFIGS`
+            ("sd1", "sd2", "tiny", ...) or a dict with the keys "tokenizer",
+            "text_encoder", "unet", "vae" and "scheduler".
+        tokenizer, text_encoder, diffusion_model, decoder, image_encoder, scheduler:
+            ready components used instead of building them from `config`.
+
+    Example:
+    >>> sd = StableDiffusion(img_width=64, img_height=64, config="tiny")
+    >>> images = sd.text_to_image("a red circle", num_steps=2, seed=1)
+    >>> images.shape, images.dtype
+    ((1, 64, 64, 3), dtype('uint8'))
+    """
+
+    def __init__(
+        self,
+        img_width: int = 512,
+        img_height: int = 512,
+        jit_compile="auto",
+        *,
+        config="sd1",
+        tokenizer=None,
+        text_encoder=None,
+        diffusion_model=None,
+        decoder=None,
+        image_encoder=None,
+        scheduler=None,
+    ):
+        backend.validate_jit_compile(jit_compile)
+        self.config = presets.resolve_model_config(config)
+        self.jit_compile = jit_compile
+        cfg = self.config
+        self.tokenizer = tokenizer or CLIPTokenizer(**cfg["tokenizer"])
+        self.text_encoder = text_encoder or CLIPTextEncoder(**cfg["text_encoder"])
+        self.diffusion_model = diffusion_model or UNet(**cfg["unet"])
+        self.decoder = decoder or VAEDecoder(**cfg["vae"])
+        self.image_encoder = image_encoder or VAEEncoder(**cfg["vae"])
+        self.scheduler = scheduler or DDIMScheduler(**cfg["scheduler"])
+        self._validate_size("img_width", img_width)
+        self._validate_size("img_height", img_height)
+        self.img_width, self.img_height = img_width, img_height
+        self.sampler = Sampler(self.diffusion_model, jit_compile)
+        self._encode_fn = backend.compile_function(
+            backend.stateless(self.text_encoder), jit_compile
+        )
+        self._decode_fn = backend.compile_function(backend.stateless(self.decoder), jit_compile)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD)."""
+        return self.decoder.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.decoder.latent_channels
+
+    def _validate_size(self, name: str, value) -> None:
+        factor = self.latent_factor
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int; received {value!r}.")
+        if value <= 0 or value % factor:
+            nearest = max(factor, round(value / factor) * factor)
+            raise ValueError(
+                f"{name} must be a positive multiple of {factor} (the VAE downsampling "
+                f"factor); received {value}. Nearest valid: {nearest}."
+            )
+
+    def _tokenize(self, prompts):
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings; received {prompts!r}.")
+        return self.tokenizer(list(prompts))
+
+    # -------------------------------------------------------------- public API
+    def encode_text(self, prompt):
+        """Encode prompts into text embeddings.
+
+        Args:
+            prompt: a string or a list of strings; longer than the tokenizer's
+                maximum length (77 tokens) they are truncated, as diffusers does.
+
+        Returns:
+            A float tensor [N, 77, D] (N prompts; D = 768 for SD 1.x, 1024 for SD 2.x).
+
+        Example:
+        >>> sd = StableDiffusion(64, 64, config="tiny")
+        >>> tuple(sd.encode_text("a red circle").shape)[:2]
+        (1, 77)
+        """
+        tokens = ops.convert_to_tensor(self._tokenize(prompt), "int32")
+        with backend.no_grad():
+            return self._encode_fn(backend.model_state(self.text_encoder), tokens)
+
+    def generate_image(
+        self,
+        encoded_text,
+        negative_prompt=None,
+        batch_size: int = 1,
+        num_steps: int = 50,
+        unconditional_guidance_scale: float = 7.5,
+        diffusion_noise=None,
+        seed: int | None = None,
+        *,
+        scheduler=None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> np.ndarray:
+        """Generate images from text embeddings (the KerasCV lower-level API).
+
+        Args:
+            encoded_text: output of `encode_text`, [1, L, D] (repeated to
+                `batch_size`) or [batch_size, L, D].
+            negative_prompt: text to steer away from; None uses the empty prompt.
+            batch_size: number of images.
+            num_steps: denoising steps.
+            unconditional_guidance_scale: classifier-free guidance weight; 1 turns
+                guidance off (one UNet half per step instead of two).
+            diffusion_noise: starting latents [B, h, w, C] or [h, w, C]; exclusive
+                with `seed`.
+            seed: seed of the starting noise (numpy, so it is the same on every
+                backend); None draws a fresh one.
+            scheduler: overrides `self.scheduler` for this call.
+            width, height: override the constructor's image size for this call.
+
+        Returns:
+            np.uint8 array [batch_size, height, width, 3].
+
+        Example:
+        >>> sd = StableDiffusion(64, 64, config="tiny")
+        >>> sd.generate_image(sd.encode_text("a red circle"), num_steps=2, seed=0).shape
+        (1, 64, 64, 3)
+        """
+        width = self.img_width if width is None else width
+        height = self.img_height if height is None else height
+        self._validate_size("width", width)
+        self._validate_size("height", height)
+        _validate_positive_int("batch_size", batch_size)
+        _validate_positive_int("num_steps", num_steps)
+        if isinstance(unconditional_guidance_scale, bool) or not isinstance(
+            unconditional_guidance_scale, numbers.Real
+        ):
+            raise TypeError(
+                "unconditional_guidance_scale must be a number; "
+                f"received {unconditional_guidance_scale!r}."
+            )
+        if diffusion_noise is not None and seed is not None:
+            raise ValueError("Pass either diffusion_noise or seed, not both.")
+        scheduler = scheduler or self.scheduler
+        context = _expand_batch(encoded_text, batch_size, "encoded_text")
+        uncond = None
+        if unconditional_guidance_scale > 1.0:
+            uncond = _expand_batch(
+                self.encode_text(negative_prompt or ""), batch_size, "negative_prompt"
+            )
+        latent_shape = (
+            batch_size,
+            height // self.latent_factor,
+            width // self.latent_factor,
+            self.latent_channels,
+        )
+        if diffusion_noise is None:
+            rng = np.random.default_rng(seed)
+            latents = rng.standard_normal(latent_shape, dtype=np.float32)
+            latents *= scheduler.init_noise_sigma
+        else:
+            latents = _expand_batch(diffusion_noise, batch_size, "diffusion_noise", rank=4)
+            if tuple(latents.shape) != latent_shape:
+                raise ValueError(
+                    f"diffusion_noise must have shape {latent_shape} for this size and "
+                    f"batch; received {tuple(latents.shape)}."
+                )
+        step_noise = None
+        if getattr(scheduler, "eta", 0.0) > 0:
+            rng = np.random.default_rng(None if seed is None else seed + 1)
+            step_noise = rng.standard_normal((num_steps, *latent_shape), dtype=np.float32)
+        latents = self.sampler(
+            scheduler,
+            latents,
+            context,
+            uncond,
+            guidance_scale=float(unconditional_guidance_scale),
+            num_steps=num_steps,
+            step_noise=step_noise,
+        )
+        return self.decode_latents(latents)
+
+    def decode_latents(self, latents) -> np.ndarray:
+        """Decode latents to uint8 images [B, H, W, 3] (applies the VAE scaling factor)."""
+        scaled = ops.cast(latents, "float32") / self.decoder.scaling_factor
+        with backend.no_grad():
+            pixels = self._decode_fn(backend.model_state(self.decoder), scaled)
+        pixels = np.asarray(ops.convert_to_numpy(ops.cast(pixels, "float32")))
+        return np.round(np.clip((pixels + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+
+    def text_to_image(
+        self,
+        prompt,
+        negative_prompt=None,
+        batch_size: int = 1,
+        num_steps: int = 50,
+        unconditional_guidance_scale: float = 7.5,
+        seed: int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Generate images from a prompt.
+
+        Args:
+            prompt: the text to draw.
+            negative_prompt: text to steer away from (None: the empty prompt).
+            batch_size: number of images.
+            num_steps: denoising steps (DDIM by default).
+            unconditional_guidance_scale: classifier-free guidance weight (7.5).
+            seed: seed for the starting noise; the same seed gives the same
+                images on every backend.
+            **kwargs: `scheduler`, `width`, `height`, `diffusion_noise`, passed to
+                `generate_image`.
+
+        Returns:
+            np.uint8 array [batch_size, height, width, 3].
+
+        Example:
+        >>> sd = StableDiffusion(64, 64, config="tiny")
+        >>> sd.text_to_image("a red circle", batch_size=2, num_steps=2, seed=3).shape
+        (2, 64, 64, 3)
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string; received {type(prompt).__name__}.")
+        return self.generate_image(
+            self.encode_text(prompt),
+            negative_prompt=negative_prompt,
+            batch_size=batch_size,
+            num_steps=num_steps,
+            unconditional_guidance_scale=unconditional_guidance_scale,
+            seed=seed,
+            **kwargs,
+        )
+
+
+def _validate_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int; received {value!r}.")
+
+
+def _expand_batch(tensor, batch_size: int, name: str, rank: int = 3):
+    """Repeat a single item ([1, ...] or unbatched) to `batch_size` items."""
+    tensor = ops.convert_to_tensor(tensor)
+    if len(tensor.shape) == rank - 1:
+        tensor = ops.expand_dims(tensor, 0)
+    if len(tensor.shape) != rank:
+        raise ValueError(
+            f"{name} must have rank {rank} or {rank - 1}; received shape {tuple(tensor.shape)}."
+        )
+    if tensor.shape[0] == batch_size:
+        return tensor
+    if tensor.shape[0] == 1:
+        return ops.repeat(tensor, batch_size, axis=0)
+    raise ValueError(
+        f"{name} has batch {tensor.shape[0]} but batch_size is {batch_size}; "
+        "give one item or batch_size items."
+    )
