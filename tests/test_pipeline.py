@@ -88,7 +88,7 @@ def build_reference(tmp_path):
     return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
-        tokenizer=HFTokenizer.from_pretrained(str(tmp_path)),
+        tokenizer=HFTokenizer.from_pretrained(str(tmp_path), model_max_length=77),
         unet=unet.eval(),
         scheduler=scheduler,
         safety_checker=None,

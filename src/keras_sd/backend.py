@@ -106,6 +106,34 @@ def stateless(model):
     return call
 
 
+def supports_step_callback(jit_compile) -> bool:
+    """Whether `step_callback` works inside a program compiled with `jit_compile`.
+
+    TensorFlow cannot call Python from inside XLA; its plain graphs, `jax.jit`
+    and eager PyTorch can.
+    """
+    return not (keras.backend.backend() == "tensorflow" and _use_xla(jit_compile))
+
+
+def step_callback(fn, step, after) -> None:
+    """Call `fn(int(step))` on the host from inside a compiled loop (for progress bars).
+
+    `after` is a tensor the call waits for (a slice of the step's result), so the
+    host hears of a step only once it is computed.
+    """
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        tf.py_function(lambda s, _: fn(int(s)), [step, after], Tout=[])
+    elif name == "jax":
+        import jax
+
+        jax.debug.callback(lambda s, _: fn(int(s)), step, after)
+    else:
+        fn(int(step))
+
+
 def no_grad():
     """Context that disables gradient tracking where the backend tracks it eagerly."""
     if keras.backend.backend() == "torch":

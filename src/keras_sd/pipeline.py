@@ -11,6 +11,7 @@ import numbers
 
 import numpy as np
 from keras import ops
+from tqdm.auto import tqdm
 
 from keras_sd import backend, presets
 from keras_sd.models.clip_text import CLIPTextEncoder
@@ -143,6 +144,7 @@ class StableDiffusion:
         scheduler=None,
         width: int | None = None,
         height: int | None = None,
+        progress: bool = True,
     ) -> np.ndarray:
         """Generate images from text embeddings (the KerasCV lower-level API).
 
@@ -160,6 +162,7 @@ class StableDiffusion:
                 backend); None draws a fresh one.
             scheduler: overrides `self.scheduler` for this call.
             width, height: override the constructor's image size for this call.
+            progress: show a progress bar over the denoising steps.
 
         Returns:
             np.uint8 array [batch_size, height, width, 3].
@@ -209,18 +212,22 @@ class StableDiffusion:
                     f"batch; received {tuple(latents.shape)}."
                 )
         step_noise = None
-        if getattr(scheduler, "eta", 0.0) > 0:
+        if scheduler.needs_step_noise:
             rng = np.random.default_rng(None if seed is None else seed + 1)
             step_noise = rng.standard_normal((num_steps, *latent_shape), dtype=np.float32)
-        latents = self.sampler(
-            scheduler,
-            latents,
-            context,
-            uncond,
-            guidance_scale=float(unconditional_guidance_scale),
-            num_steps=num_steps,
-            step_noise=step_noise,
-        )
+        with tqdm(total=num_steps, desc="denoising", disable=not progress, leave=False) as bar:
+            latents = self.sampler(
+                scheduler,
+                latents,
+                context,
+                uncond,
+                guidance_scale=float(unconditional_guidance_scale),
+                num_steps=num_steps,
+                step_noise=step_noise,
+                callback=(lambda _: bar.update(1)) if progress else None,
+            )
+            latents = ops.convert_to_numpy(latents)
+            bar.update(bar.total - bar.n)  # programs that cannot report per step
         return self.decode_latents(latents)
 
     def decode_latents(self, latents) -> np.ndarray:

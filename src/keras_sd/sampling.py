@@ -40,6 +40,8 @@ class Sampler:
         self.jit_compile = jit_compile
         self.trace_count = 0  # incremented only while a program is being traced
         self._programs = {}
+        # Compiled programs call this trampoline, so a new callback needs no retrace.
+        self._callback = None
 
     def __call__(
         self,
@@ -55,6 +57,7 @@ class Sampler:
         masked_image_latents=None,
         image_latents=None,
         blend_noise=None,
+        callback=None,
     ):
         """Denoise `latents` and return the final latents (float32, [B, h, w, C]).
 
@@ -75,6 +78,8 @@ class Sampler:
                 `mask` to the UNet input of 9-channel inpainting models.
             image_latents, blend_noise: for 4-channel models, the known region is
                 re-noised to the next step's level and blended back after each step.
+            callback: `callback(step_index)` called on the host after each step
+                (progress bars). Ignored under TensorFlow XLA, which cannot call Python.
         """
         schedule = scheduler.schedule(num_steps, strength)
         guided = guidance_scale > 1.0
@@ -93,12 +98,14 @@ class Sampler:
             guided,
             step_noise is not None,
             tuple(sorted(inpaint)),
+            callback is not None and backend.supports_step_callback(self.jit_compile),
         )
         if key not in self._programs:
             self._programs[key] = backend.compile_function(
-                self._loop_fn(scheduler, guided), self.jit_compile
+                self._loop_fn(scheduler, guided, report=key[-1]), self.jit_compile
             )
         tables = {k: ops.convert_to_tensor(v) for k, v in schedule.items()}
+        self._callback = callback
         with backend.no_grad():
             return self._programs[key](
                 backend.model_state(self.unet),
@@ -110,7 +117,11 @@ class Sampler:
                 inpaint,
             )
 
-    def _loop_fn(self, scheduler, guided):
+    def _report(self, step: int) -> None:
+        if self._callback is not None:
+            self._callback(step)
+
+    def _loop_fn(self, scheduler, guided, report):
         unet_call = backend.stateless(self.unet)
 
         def loop(state, latents, context, guidance, tables, step_noise, inpaint):
@@ -136,6 +147,8 @@ class Sampler:
                 x = scheduler.step(x, eps, i, tables, noise=noise)
                 if "image_latents" in inpaint:
                     x = _blend_known(scheduler, x, i, timesteps, num_steps, batch, inpaint)
+                if report:
+                    backend.step_callback(self._report, i, x[:1, :1, :1, :1])
                 return x
 
             return ops.fori_loop(0, num_steps, body, latents)
