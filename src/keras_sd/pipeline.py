@@ -77,11 +77,70 @@ class StableDiffusion:
         self._validate_size("img_width", img_width)
         self._validate_size("img_height", img_height)
         self.img_width, self.img_height = img_width, img_height
+        # Generation settings a preset recommends (the CLI's defaults).
+        self.defaults = {"num_steps": 50, "guidance_scale": 7.5}
         self.sampler = Sampler(self.diffusion_model, jit_compile)
         self._encode_fn = backend.compile_function(
             backend.stateless(self.text_encoder), jit_compile
         )
         self._decode_fn = backend.compile_function(backend.stateless(self.decoder), jit_compile)
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> StableDiffusion:
+        """Load a named model: a bundled one (offline) or a hub download (cached).
+
+        Args:
+            name: one of `keras_sd.presets.preset_names()`, e.g. "tiny-shapes"
+                (bundled), "sd-v1-5", "sd-v2-1".
+            **kwargs: `img_width`, `img_height`, `jit_compile`, ...
+
+        Example:
+        >>> sd = StableDiffusion.from_preset("tiny-shapes")
+        >>> sd.text_to_image("a red circle on a blue background", seed=0).shape[-1]
+        3
+        """
+        if name in presets.BUNDLED_PRESETS:
+            from keras_sd.weights.bundle import load_bundle
+
+            return load_bundle(presets.bundled_preset_path(name), **kwargs)
+        from keras_sd.weights.hub import load_preset
+
+        return load_preset(name, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path, **kwargs) -> StableDiffusion:
+        """Load a single-file (.safetensors/.ckpt) checkpoint or a diffusers folder.
+
+        See `keras_sd.weights.checkpoint.load_checkpoint` for the overrides.
+
+        Example:
+        >>> sd = StableDiffusion.from_checkpoint("v1-5.safetensors")  # doctest: +SKIP
+        """
+        from keras_sd.weights.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, **kwargs)
+
+    @classmethod
+    def from_keras_cv(cls, model, **kwargs) -> StableDiffusion:
+        """Convert an in-memory `keras_cv.models.StableDiffusion` (or V2) model.
+
+        Example:
+        >>> sd = StableDiffusion.from_keras_cv(keras_cv.models.StableDiffusion())  # doctest: +SKIP
+        """
+        from keras_sd.weights.keras_cv import from_keras_cv
+
+        return from_keras_cv(model, **kwargs)
+
+    def save_checkpoint(self, path, layout: str = "compvis") -> None:
+        """Save as a CompVis single-file .safetensors or a diffusers folder.
+
+        Example:
+        >>> sd.save_checkpoint("model.safetensors")  # doctest: +SKIP
+        """
+        from keras_sd.weights.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, layout=layout)
 
     # ------------------------------------------------------------------ helpers
     @property

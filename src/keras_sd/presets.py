@@ -61,3 +61,23 @@ def resolve_model_config(config) -> dict:
             f"missing {missing}, unknown {unknown}."
         )
     return copy.deepcopy(config)
+
+
+# Presets whose weights ship inside the package (offline).
+BUNDLED_PRESETS = {"tiny-shapes": "tiny-shapes.safetensors"}
+
+
+def bundled_preset_path(name: str) -> str:
+    """Path of a bundled preset's weights file inside the installed package."""
+    import importlib.resources
+
+    if name not in BUNDLED_PRESETS:
+        raise ValueError(f"{name!r} is not a bundled preset; bundled: {sorted(BUNDLED_PRESETS)}.")
+    return str(importlib.resources.files("keras_sd") / "assets" / BUNDLED_PRESETS[name])
+
+
+def preset_names() -> list[str]:
+    """All preset names: bundled ones and those downloaded from a hub."""
+    from keras_sd.weights import hub
+
+    return sorted({*BUNDLED_PRESETS, *hub.PRESETS})

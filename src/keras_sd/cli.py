@@ -1,0 +1,161 @@
+"""The `keras-sd` command line.
+
+    keras-sd generate "a red circle on a blue background" -o circle.png
+
+With neither `--preset` nor `--checkpoint` it uses the bundled `tiny-shapes`
+model, so it works offline on a fresh machine. Errors in the arguments end the
+program with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+DEFAULT_PRESET = "tiny-shapes"
+SCHEDULERS = ("ddim",)
+
+
+class UsageError(ValueError):
+    """An argument the user can fix; printed as one line."""
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keras-sd", description="Stable Diffusion in Keras 3.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="text to image")
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG path (a grid for batches)")
+    gen.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    gen.add_argument("--steps", type=_positive_int("--steps"), default=None, help="denoising steps")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the starting noise")
+    gen.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1)
+    gen.add_argument("--width", type=_positive_int("--width"), default=None, help="pixels")
+    gen.add_argument("--height", type=_positive_int("--height"), default=None, help="pixels")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=None, help=f"named model (default {DEFAULT_PRESET})")
+    source.add_argument("--checkpoint", default=None, help="checkpoint file or diffusers folder")
+    gen.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    return parser
+
+
+def _check_output(path: str) -> None:
+    """Fail before any model work if the image could not be written."""
+    if not path.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+        raise UsageError(f"--output must end in .png, .jpg, .jpeg or .webp; got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"--output {path!r} is not writable")
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """Tile a batch [B, H, W, 3] into one image, as square as possible.
+
+    Example:
+    >>> image_grid(np.zeros((3, 4, 5, 3), np.uint8)).shape
+    (8, 10, 3)
+    """
+    count, height, width, channels = images.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    grid = np.zeros((rows * height, cols * width, channels), images.dtype)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
+    return grid
+
+
+def save_image(image: np.ndarray, path: str) -> None:
+    """Write atomically: a failed write never leaves a half-written file at `path`."""
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load_model(args):
+    from keras_sd import StableDiffusion
+
+    if args.checkpoint:
+        if not os.path.exists(args.checkpoint):
+            raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
+        return StableDiffusion.from_checkpoint(args.checkpoint)
+    return StableDiffusion.from_preset(args.preset or DEFAULT_PRESET)
+
+
+def generate(args) -> int:
+    from keras_sd import presets
+
+    _check_output(args.output)
+    preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
+    if preset is not None and preset not in presets.preset_names():
+        raise UsageError(f"unknown --preset {preset!r}; choose one of {presets.preset_names()}")
+    sd = _load_model(args)
+    kwargs = {"width": args.width, "height": args.height}
+    for name in ("width", "height"):
+        value = kwargs[name]
+        if value is not None and value % sd.latent_factor:
+            raise UsageError(
+                f"--{name} must be a multiple of {sd.latent_factor} for this model; got {value}"
+            )
+    defaults = sd.defaults
+    images = sd.text_to_image(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+        num_steps=args.steps or defaults["num_steps"],
+        unconditional_guidance_scale=(
+            defaults["guidance_scale"] if args.guidance is None else args.guidance
+        ),
+        seed=args.seed,
+        **kwargs,
+    )
+    save_image(image_grid(images) if len(images) > 1 else images[0], args.output)
+    print(f"wrote {args.output} ({len(images)} image{'s' * (len(images) > 1)})")
+    return 0
+
+
+COMMANDS = {"generate": generate}
+
+
+def main(argv=None) -> int:
+    """Entry point of the `keras-sd` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
+        message = " ".join(str(error).split())
+        print(f"keras-sd: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
