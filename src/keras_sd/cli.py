@@ -65,6 +65,8 @@ def _check_output(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"--output folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path!r} is a folder, not a file path")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UsageError(f"--output {path!r} is not writable")
 
