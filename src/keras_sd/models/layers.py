@@ -1,0 +1,513 @@
+"""Building blocks shared by the UNet and the VAE.
+
+Every layer is channels-last and names its sublayers after the matching
+diffusers module (`norm1`, `conv1`, `to_q`, `ff.net.0.proj`, ...), so
+`keras_sd.weights.state_dict.named_variables` yields diffusers state-dict keys.
+Layers infer their input channels in `build()`; parents call `build()` with
+shapes so a whole model is built at construction without a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+from keras import layers, ops
+
+
+def spatial_shape(channels: int) -> tuple:
+    """Build shape of a channels-last feature map of any batch and size."""
+    return (None, None, None, channels)
+
+
+class GroupNorm(layers.Layer):
+    """Group normalization over channels-last tensors, statistics in float32.
+
+    Its variables are named `weight` and `bias` like `torch.nn.GroupNorm`, and the
+    arithmetic runs in float32 even under mixed precision (float16 variance
+    overflows on large activations).
+
+    Args:
+        groups: number of channel groups; must divide the channel count.
+        epsilon: added to the variance.
+
+    Returns:
+        A tensor of the input's shape in the layer's compute dtype.
+
+    Example:
+    >>> norm = GroupNorm(groups=8, epsilon=1e-6)
+    >>> norm(keras.ops.ones((1, 4, 4, 32))).shape
+    (1, 4, 4, 32)
+    """
+
+    def __init__(self, groups: int, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = groups
+        self.epsilon = epsilon
+        self.autocast = False  # we cast ourselves, to float32
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels % self.groups:
+            raise ValueError(
+                f"GroupNorm: {channels} channels not divisible by {self.groups} groups"
+            )
+        self.weight = self.add_weight(
+            name="weight", shape=(channels,), initializer="ones", autocast=False
+        )
+        self.bias = self.add_weight(
+            name="bias", shape=(channels,), initializer="zeros", autocast=False
+        )
+
+    def call(self, x):
+        shape = ops.shape(x)
+        channels = x.shape[-1]
+        per_group = channels // self.groups
+        x = ops.reshape(ops.cast(x, "float32"), (shape[0], -1, self.groups, per_group))
+        mean, var = ops.moments(x, axes=(1, 3), keepdims=True)  # [B, 1, G, 1]
+        # Fold the normalisation and the affine map into one scale and shift per
+        # (sample, channel): two full-size passes instead of four.
+        scale = ops.rsqrt(var + self.epsilon) * ops.reshape(self.weight, (self.groups, per_group))
+        shift = ops.reshape(self.bias, (self.groups, per_group)) - mean * scale
+        return ops.cast(ops.reshape(x * scale + shift, shape), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon}
+
+
+class ResnetBlock(layers.Layer):
+    """Residual block: GroupNorm, SiLU, 3x3 conv, twice, with an optional time embedding.
+
+    `time_emb_proj` exists when the block is built with a `temb_shape`;
+    `conv_shortcut` (1x1) exists when the channel count changes.
+
+    Args:
+        out_channels: output channels.
+        norm_groups: groups of both GroupNorms.
+        norm_eps: epsilon of both GroupNorms.
+
+    Returns:
+        `call(x [B, H, W, Cin], temb [B, T] or None)` -> `[B, H, W, out_channels]`.
+
+    Example:
+    >>> block = ResnetBlock(64, norm_groups=8)
+    >>> block.build((None, None, None, 32), (None, 128))
+    >>> block(keras.ops.ones((1, 8, 8, 32)), keras.ops.ones((1, 128))).shape
+    (1, 8, 8, 64)
+    """
+
+    def __init__(self, out_channels: int, norm_groups: int = 32, norm_eps: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.out_channels = out_channels
+        self.norm_groups = norm_groups
+        self.norm_eps = norm_eps
+
+    def build(self, x_shape, temb_shape=None):
+        in_channels, out = x_shape[-1], self.out_channels
+        norm = dict(groups=self.norm_groups, epsilon=self.norm_eps, dtype=self.dtype_policy)
+        conv = dict(kernel_size=3, padding="same", dtype=self.dtype_policy)
+        self.norm1 = GroupNorm(**norm, name="norm1")
+        self.conv1 = layers.Conv2D(out, **conv, name="conv1")
+        self.norm2 = GroupNorm(**norm, name="norm2")
+        self.conv2 = layers.Conv2D(out, **conv, name="conv2")
+        self.norm1.build(x_shape)
+        self.conv1.build(x_shape)
+        self.norm2.build(spatial_shape(out))
+        self.conv2.build(spatial_shape(out))
+        self.time_emb_proj = None
+        if temb_shape is not None:
+            self.time_emb_proj = layers.Dense(out, dtype=self.dtype_policy, name="time_emb_proj")
+            self.time_emb_proj.build(temb_shape)
+        self.conv_shortcut = None
+        if in_channels != out:
+            self.conv_shortcut = layers.Conv2D(
+                out, 1, dtype=self.dtype_policy, name="conv_shortcut"
+            )
+            self.conv_shortcut.build(x_shape)
+
+    def call(self, x, temb=None):
+        h = self.conv1(ops.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(ops.silu(temb))[:, None, None, :]
+        h = self.conv2(ops.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "out_channels": self.out_channels,
+            "norm_groups": self.norm_groups,
+            "norm_eps": self.norm_eps,
+        }
+
+
+class Downsample2D(layers.Layer):
+    """Stride-2 3x3 convolution `conv` that halves height and width.
+
+    Args:
+        padding: as in diffusers: `1` pads one pixel on every side (UNet), `0` pads
+            one pixel on the bottom and right only (VAE encoder).
+
+    Returns:
+        `[B, H, W, C]` -> `[B, H/2, W/2, C]` (even H and W).
+
+    Example:
+    >>> Downsample2D(padding=1)(keras.ops.ones((1, 8, 8, 16))).shape
+    (1, 4, 4, 16)
+    """
+
+    def __init__(self, padding: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.padding = padding
+        pad = (0, 1) if padding == 0 else (padding, padding)
+        self._pads = ((0, 0), pad, pad, (0, 0))
+
+    def build(self, input_shape):
+        self.conv = layers.Conv2D(
+            input_shape[-1], 3, strides=2, dtype=self.dtype_policy, name="conv"
+        )
+        self.conv.build(input_shape)
+
+    def call(self, x):
+        # Explicit padding: Keras "same" pads bottom/right first, PyTorch top/left.
+        return self.conv(ops.pad(x, self._pads))
+
+    def get_config(self):
+        return {**super().get_config(), "padding": self.padding}
+
+
+class Upsample2D(layers.Layer):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution `conv`.
+
+    Returns:
+        `[B, H, W, C]` -> `[B, 2H, 2W, C]`.
+
+    Example:
+    >>> Upsample2D()(keras.ops.ones((1, 4, 4, 16))).shape
+    (1, 8, 8, 16)
+    """
+
+    def build(self, input_shape):
+        self.conv = layers.Conv2D(
+            input_shape[-1], 3, padding="same", dtype=self.dtype_policy, name="conv"
+        )
+        self.conv.build(input_shape)
+
+    def call(self, x):
+        b, h, w, c = ops.shape(x)
+        # One broadcast + reshape copies the tensor once (two `repeat`s copy it twice).
+        x = ops.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return self.conv(ops.reshape(x, (b, h * 2, w * 2, c)))
+
+
+class Attention(layers.Layer):
+    """Multi-head attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` layers.
+
+    Self-attention when `context` is None, cross-attention otherwise. The core is
+    `keras.ops.dot_product_attention` on `[B, L, heads, head_dim]`, which uses
+    fused kernels where the backend has them and keeps the softmax in float32.
+
+    Args:
+        num_heads: attention heads.
+        head_dim: channels per head; `num_heads * head_dim` is the inner width.
+        qkv_bias: whether `to_q`/`to_k`/`to_v` have a bias (UNet: no, VAE: yes).
+        upcast: under float16, compute the whole attention in float32 (diffusers'
+            `upcast_attention`, needed by SD 2.x 768 models whose logits overflow).
+
+    Returns:
+        `call(x [B, T, C], context [B, S, D] or None)` -> `[B, T, C]`.
+
+    Example:
+    >>> attn = Attention(num_heads=2, head_dim=8)
+    >>> attn.build((None, None, 32), (None, None, 24))
+    >>> attn(keras.ops.ones((1, 5, 32)), keras.ops.ones((1, 7, 24))).shape
+    (1, 5, 32)
+    """
+
+    def __init__(
+        self, num_heads: int, head_dim: int, qkv_bias: bool = False, upcast: bool = False, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qkv_bias = qkv_bias
+        self.upcast = upcast
+
+    def build(self, x_shape, context_shape=None):
+        inner = self.num_heads * self.head_dim
+        dense = dict(use_bias=self.qkv_bias, dtype=self.dtype_policy)
+        self.to_q = layers.Dense(inner, **dense, name="to_q")
+        self.to_k = layers.Dense(inner, **dense, name="to_k")
+        self.to_v = layers.Dense(inner, **dense, name="to_v")
+        self.to_out = layers.Dense(x_shape[-1], dtype=self.dtype_policy, name="to_out.0")
+        context_shape = x_shape if context_shape is None else context_shape
+        self.to_q.build(x_shape)
+        self.to_k.build(context_shape)
+        self.to_v.build(context_shape)
+        self.to_out.build((None, None, inner))
+
+    def _split_heads(self, x):
+        b, length = ops.shape(x)[0], ops.shape(x)[1]
+        return ops.reshape(x, (b, length, self.num_heads, self.head_dim))
+
+    def call(self, x, context=None):
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))  # [B, T, heads, head_dim]
+        k = self._split_heads(self.to_k(context))  # [B, S, heads, head_dim]
+        v = self._split_heads(self.to_v(context))
+        if self.upcast and self.compute_dtype == "float16":
+            q, k, v = (ops.cast(t, "float32") for t in (q, k, v))
+        out = ops.dot_product_attention(q, k, v)
+        b, length = ops.shape(x)[0], ops.shape(x)[1]
+        out = ops.reshape(ops.cast(out, self.compute_dtype), (b, length, -1))
+        return self.to_out(out)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "qkv_bias": self.qkv_bias,
+            "upcast": self.upcast,
+        }
+
+
+class BasicTransformerBlock(layers.Layer):
+    """Pre-norm transformer block: self-attention, cross-attention, GEGLU feed-forward.
+
+    Sublayers: `norm1`, `attn1`, `norm2`, `attn2`, `norm3`, `ff.net.0.proj`
+    (projects to twice the hidden width: value and gate), `ff.net.2`.
+
+    Args:
+        num_heads: attention heads of both attentions.
+        head_dim: channels per head.
+        norm_eps: epsilon of the three LayerNorms.
+        ff_mult: feed-forward hidden width as a multiple of the block width.
+        upcast_attention: see `Attention.upcast`.
+
+    Returns:
+        `call(x [B, T, C], context [B, S, D])` -> `[B, T, C]`.
+
+    Example:
+    >>> block = BasicTransformerBlock(num_heads=2, head_dim=16)
+    >>> block.build((None, None, 32), (None, None, 24))
+    >>> block(keras.ops.ones((1, 5, 32)), keras.ops.ones((1, 7, 24))).shape
+    (1, 5, 32)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        norm_eps: float = 1e-5,
+        ff_mult: int = 4,
+        upcast_attention: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.norm_eps = norm_eps
+        self.ff_mult = ff_mult
+        self.upcast_attention = upcast_attention
+
+    def build(self, x_shape, context_shape):
+        dim = x_shape[-1]
+        hidden = dim * self.ff_mult
+        attn = dict(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            upcast=self.upcast_attention,
+            dtype=self.dtype_policy,
+        )
+        self.norm1 = layers.LayerNormalization(
+            epsilon=self.norm_eps, dtype=self.dtype_policy, name="norm1"
+        )
+        self.attn1 = Attention(**attn, name="attn1")
+        self.norm2 = layers.LayerNormalization(
+            epsilon=self.norm_eps, dtype=self.dtype_policy, name="norm2"
+        )
+        self.attn2 = Attention(**attn, name="attn2")
+        self.norm3 = layers.LayerNormalization(
+            epsilon=self.norm_eps, dtype=self.dtype_policy, name="norm3"
+        )
+        self.ff_proj = layers.Dense(2 * hidden, dtype=self.dtype_policy, name="ff.net.0.proj")
+        self.ff_out = layers.Dense(dim, dtype=self.dtype_policy, name="ff.net.2")
+        for norm in (self.norm1, self.norm2, self.norm3):
+            norm.build(x_shape)
+        self.attn1.build(x_shape)
+        self.attn2.build(x_shape, context_shape)
+        self.ff_proj.build(x_shape)
+        self.ff_out.build((None, None, hidden))
+
+    def call(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        value, gate = ops.split(self.ff_proj(self.norm3(x)), 2, axis=-1)  # GEGLU
+        return x + self.ff_out(value * ops.gelu(gate, approximate=False))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "norm_eps": self.norm_eps,
+            "ff_mult": self.ff_mult,
+            "upcast_attention": self.upcast_attention,
+        }
+
+
+class Transformer2D(layers.Layer):
+    """Spatial transformer (diffusers `Transformer2DModel`): image features attend to context.
+
+    GroupNorm `norm`, projection `proj_in` to `num_heads * head_dim` channels,
+    `transformer_blocks.{i}`, projection `proj_out` back, plus a residual. The
+    projections are 1x1 convolutions (SD 1.x) or Dense layers (SD 2.x,
+    `use_linear_projection=True`); the two are the same map, stored differently.
+
+    Args:
+        num_heads: attention heads.
+        head_dim: channels per head.
+        num_layers: transformer blocks.
+        norm_groups: GroupNorm groups.
+        use_linear_projection: Dense instead of 1x1 Conv2D projections.
+        norm_eps: epsilon of the input GroupNorm.
+        upcast_attention: see `Attention.upcast`.
+
+    Returns:
+        `call(x [B, H, W, C], context [B, S, D])` -> `[B, H, W, C]`.
+
+    Example:
+    >>> t = Transformer2D(num_heads=2, head_dim=16, norm_groups=8)
+    >>> t.build((None, None, None, 32), (None, None, 24))
+    >>> t(keras.ops.ones((1, 4, 4, 32)), keras.ops.ones((1, 7, 24))).shape
+    (1, 4, 4, 32)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int = 1,
+        norm_groups: int = 32,
+        use_linear_projection: bool = False,
+        norm_eps: float = 1e-6,
+        upcast_attention: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_layers = num_layers
+        self.norm_groups = norm_groups
+        self.use_linear_projection = use_linear_projection
+        self.norm_eps = norm_eps
+        self.upcast_attention = upcast_attention
+
+    def _projection(self, units, name):
+        if self.use_linear_projection:
+            return layers.Dense(units, dtype=self.dtype_policy, name=name)
+        return layers.Conv2D(units, 1, dtype=self.dtype_policy, name=name)
+
+    def build(self, x_shape, context_shape):
+        channels, inner = x_shape[-1], self.num_heads * self.head_dim
+        self.norm = GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype_policy, name="norm")
+        self.proj_in = self._projection(inner, "proj_in")
+        self.transformer_blocks = [
+            BasicTransformerBlock(
+                self.num_heads,
+                self.head_dim,
+                upcast_attention=self.upcast_attention,
+                dtype=self.dtype_policy,
+                name=f"transformer_blocks.{i}",
+            )
+            for i in range(self.num_layers)
+        ]
+        self.proj_out = self._projection(channels, "proj_out")
+        self.norm.build(x_shape)
+        self.proj_in.build(x_shape)
+        for block in self.transformer_blocks:
+            block.build((None, None, inner), context_shape)
+        self.proj_out.build(spatial_shape(inner))
+
+    def call(self, x, context):
+        b, h, w, _ = ops.shape(x)
+        # proj_in is pointwise, so it can run before or after flattening: the
+        # order below keeps one reshape on each side of the blocks.
+        tokens = self.proj_in(self.norm(x))
+        tokens = ops.reshape(tokens, (b, h * w, -1))  # [B, HW, inner]
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        tokens = ops.reshape(tokens, (b, h, w, -1))
+        return x + self.proj_out(tokens)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "num_layers": self.num_layers,
+            "norm_groups": self.norm_groups,
+            "use_linear_projection": self.use_linear_projection,
+            "norm_eps": self.norm_eps,
+            "upcast_attention": self.upcast_attention,
+        }
+
+
+def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
+    """Sinusoidal timestep features `[cos(t f), sin(t f)]` (diffusers `Timesteps` as SD uses it).
+
+    Frequencies `f_i = max_period ** (-i / (dim // 2))` (flip_sin_to_cos=True,
+    downscale_freq_shift=0); an odd `dim` gets a zero last column.
+
+    Args:
+        timesteps: `[B]` integer or float timesteps.
+        dim: feature size.
+        max_period: the longest period.
+
+    Returns:
+        `[B, dim]` float32.
+
+    Example:
+    >>> timestep_embedding(keras.ops.array([0, 500]), 8).shape
+    (2, 8)
+    """
+    half = dim // 2
+    freqs = ops.exp(-math.log(max_period) * ops.arange(half, dtype="float32") / half)
+    args = ops.cast(timesteps, "float32")[:, None] * freqs[None, :]  # [B, half]
+    emb = ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
+    if dim % 2:
+        emb = ops.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(layers.Layer):
+    """MLP on the sinusoidal timestep features: `linear_1`, SiLU, `linear_2`.
+
+    Args:
+        dim: output width (SD: 4x the first UNet block width).
+
+    Returns:
+        `[B, F]` -> `[B, dim]`.
+
+    Example:
+    >>> TimestepEmbedding(64)(keras.ops.ones((2, 16))).shape
+    (2, 64)
+    """
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+
+    def build(self, input_shape):
+        self.linear_1 = layers.Dense(self.dim, dtype=self.dtype_policy, name="linear_1")
+        self.linear_2 = layers.Dense(self.dim, dtype=self.dtype_policy, name="linear_2")
+        self.linear_1.build(input_shape)
+        self.linear_2.build((None, self.dim))
+
+    def call(self, x):
+        return self.linear_2(ops.silu(self.linear_1(x)))
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}

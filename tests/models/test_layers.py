@@ -1,0 +1,122 @@
+"""Shared UNet/VAE blocks: config round trips and unit parity with PyTorch/diffusers."""
+
+import keras
+import numpy as np
+import pytest
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+
+from conftest import max_abs_normalized_error
+from keras_sd.models.layers import (
+    Attention,
+    BasicTransformerBlock,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock,
+    TimestepEmbedding,
+    Transformer2D,
+    Upsample2D,
+    timestep_embedding,
+)
+from keras_sd.weights.state_dict import load_state_dict, named_variables
+
+FLOAT32_TOLERANCE = 1e-4
+SPATIAL = (None, None, None, 16)
+TOKENS = (None, None, 16)
+CONTEXT = (None, None, 12)
+
+# (layer, build shapes): one of each class, built like its parents build it.
+LAYERS = [
+    (GroupNorm(4, 1e-6), (SPATIAL,)),
+    (ResnetBlock(32, norm_groups=4), (SPATIAL, (None, 64))),
+    (Downsample2D(padding=0), (SPATIAL,)),
+    (Upsample2D(), (SPATIAL,)),
+    (Attention(2, 8, qkv_bias=True, upcast=True), (TOKENS, CONTEXT)),
+    (BasicTransformerBlock(2, 8, ff_mult=2), (TOKENS, CONTEXT)),
+    (
+        Transformer2D(2, 8, num_layers=2, norm_groups=4, use_linear_projection=True),
+        (SPATIAL, CONTEXT),
+    ),
+    (TimestepEmbedding(32), ((None, 16),)),
+]
+
+
+@pytest.mark.parametrize("layer, shapes", LAYERS, ids=lambda v: type(v).__name__)
+def test_config_round_trip(layer, shapes):
+    layer.build(*shapes)
+    clone = type(layer).from_config(layer.get_config())
+    clone.build(*shapes)
+    assert clone.get_config() == layer.get_config()
+    shapes_of = lambda m: {k: tuple(v.shape) for k, v in named_variables(m).items()}  # noqa: E731
+    assert shapes_of(clone) == shapes_of(layer)
+
+
+def test_group_norm_matches_torch():
+    x = np.random.default_rng(0).standard_normal((2, 5, 6, 16)).astype(np.float32) * 3 + 1
+    ref = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+        expected = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    norm = GroupNorm(4, 1e-6)
+    norm.build(x.shape)
+    load_state_dict(norm, {k: v.numpy() for k, v in ref.state_dict().items()})
+    actual = keras.ops.convert_to_numpy(norm(x))
+    assert max_abs_normalized_error(actual, expected) <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("padding, size", [(1, 8), (1, 7), (0, 8), (0, 7)])
+def test_downsample_padding_matches_diffusers(padding, size):
+    from diffusers.models.downsampling import Downsample2D as TorchDownsample
+
+    x = np.random.default_rng(0).standard_normal((1, size, size, 4)).astype(np.float32)
+    ref = TorchDownsample(4, use_conv=True, padding=padding)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    layer = Downsample2D(padding=padding)
+    layer.build(x.shape)
+    # diffusers registers the conv twice (`conv` and the legacy alias `Conv2d_0`).
+    state = {k: v.numpy() for k, v in ref.state_dict().items() if k.startswith("conv.")}
+    load_state_dict(layer, state)
+    actual = keras.ops.convert_to_numpy(layer(x))
+    assert actual.shape == expected.shape
+    assert max_abs_normalized_error(actual, expected) <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("dim", [32, 33])
+def test_timestep_embedding_matches_diffusers(dim):
+    t = np.array([0, 1, 250, 999], dtype=np.float32)
+    expected = get_timestep_embedding(
+        torch.from_numpy(t), dim, flip_sin_to_cos=True, downscale_freq_shift=0
+    ).numpy()
+    actual = keras.ops.convert_to_numpy(timestep_embedding(t, dim))
+    np.testing.assert_allclose(actual, expected, atol=1e-4)
+
+
+def test_group_norm_float32_statistics_under_float16():
+    # Activations whose float16 sum of squares would overflow (> 65504).
+    x = np.full((1, 16, 16, 8), 300.0, dtype=np.float32)
+    x[..., ::2] = -300.0
+    norm = GroupNorm(2, dtype="mixed_float16")
+    out = keras.ops.convert_to_numpy(norm(x)).astype(np.float32)
+    np.testing.assert_allclose(np.abs(out), 1.0, atol=1e-2)
+
+
+def test_attention_upcast_avoids_float16_overflow():
+    # q.k reaches ~7e5 here, past float16's 65504; upcast attention stays exact.
+    x = np.random.default_rng(0).choice([-30.0, 30.0], size=(1, 6, 8)).astype(np.float32)
+    weights = {
+        "to_q.weight": np.eye(8) * 10,
+        "to_k.weight": np.eye(8) * 10,
+        "to_v.weight": np.eye(8),
+        "to_out.0.weight": np.eye(8),
+        "to_out.0.bias": np.zeros(8),
+    }
+    outputs = []
+    for dtype in ("float32", "mixed_float16"):
+        attn = Attention(1, 8, upcast=True, dtype=dtype)
+        attn.build(x.shape)
+        load_state_dict(attn, weights)
+        outputs.append(keras.ops.convert_to_numpy(attn(x)).astype(np.float32))
+    assert np.isfinite(outputs[1]).all()
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-2)
