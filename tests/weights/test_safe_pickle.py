@@ -234,3 +234,83 @@ def test_reading_does_not_import_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _fake_module(monkeypatch, name: str, **attrs) -> list[str]:
+    """Register a throwaway module (and its parents) so pickle can record globals under
+    `name`; returns the module names registered."""
+    import types
+
+    parts = name.split(".")
+    names = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    for each in names:
+        monkeypatch.setitem(sys.modules, each, types.ModuleType(each))
+    for key, value in attrs.items():
+        value.__module__, value.__qualname__ = name, key
+        setattr(sys.modules[name], key, value)
+    return names
+
+
+def test_lightning_globals_become_inert_placeholders(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+
+    class ModelCheckpoint:  # what sd-v1-4.ckpt keys its callback state by
+        def __init__(self):
+            self.dirpath = "logs"
+
+    class Evil:  # under a lightning name, its reduce would run a command if called for real
+        def __reduce__(self):
+            return (type(self), (f"touch {marker}",))
+
+        def __init__(self, command=None):
+            if command:
+                os.system(command)
+
+    fakes = _fake_module(
+        monkeypatch, "pytorch_lightning.callbacks.model_checkpoint", ModelCheckpoint=ModelCheckpoint
+    )
+    fakes += _fake_module(monkeypatch, "lightning.fabric", Evil=Evil)
+    weight = torch.arange(4.0)
+    path = tmp_path / "sd-v1-4.ckpt"
+    torch.save(
+        {
+            "state_dict": {"w": weight},
+            "callbacks": {ModelCheckpoint: {"best_model_score": None}},
+            "instance": ModelCheckpoint(),
+            "evil": Evil(),
+        },
+        path,
+    )
+    for name in fakes:
+        monkeypatch.delitem(sys.modules, name)
+
+    loaded = load_torch_file(path)
+
+    (key,) = loaded["callbacks"]
+    assert key.__name__ == "ModelCheckpoint" and key.__module__.startswith("pytorch_lightning")
+    assert key is not ModelCheckpoint and loaded["callbacks"][key] == {"best_model_score": None}
+    assert type(loaded["instance"]) is not ModelCheckpoint and not vars(loaded["instance"])
+    assert not marker.exists()
+    assert not any(m.split(".")[0] in ("pytorch_lightning", "lightning") for m in sys.modules)
+    _assert_bit_identical(load_state_dict_file(path)["w"], weight)
+
+
+def test_only_lightning_packages_are_inert(tmp_path, monkeypatch):
+    class Callback:
+        pass
+
+    class ModelCheckpoint:
+        pass
+
+    _fake_module(monkeypatch, "pytorch_lightning_extra", Callback=Callback)
+    _fake_module(monkeypatch, "pytorch_lightning.callbacks", ModelCheckpoint=ModelCheckpoint)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "cb": Callback}, path)
+    with pytest.raises(UnsafeCheckpointError, match="pytorch_lightning_extra.Callback"):
+        load_torch_file(path)
+    # Code execution stays refused in a file that also holds lightning metadata.
+    marker = tmp_path / "pwned"
+    torch.save({"cb": {ModelCheckpoint: 1}, "evil": _Payload(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_torch_file(path)
+    assert not marker.exists()

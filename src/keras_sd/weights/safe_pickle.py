@@ -13,6 +13,7 @@ from the file is ever imported or called.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import pickle
 import struct
@@ -143,6 +144,29 @@ _ALLOWED_GLOBALS = {
 }
 
 
+# Training metadata of pytorch-lightning checkpoints (sd-v1-4.ckpt keys a dict by the
+# `ModelCheckpoint` callback class) names lightning globals. They are never imported:
+# each becomes an inert placeholder class, so such files load without lightning and
+# without running its code; the weights never depend on them.
+_INERT_MODULES = ("pytorch_lightning", "lightning")
+
+
+class _InertGlobal:
+    """Placeholder for a lightning class: instances accept and drop any arguments and state."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+@functools.cache
+def _inert_global(module: str, name: str) -> type:
+    # One class per name, so a name used twice (e.g. as dict keys) stays the same object.
+    return type(name, (_InertGlobal,), {"__module__": module, "__qualname__": name})
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only tensor-rebuild globals and plain containers."""
 
@@ -159,6 +183,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if (module, name) in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[(module, name)]
+        if module.split(".")[0] in _INERT_MODULES:
+            return _inert_global(module, name)
         raise UnsafeCheckpointError(
             f"refusing to load '{module}.{name}' from {self.source}: the file contains Python "
             "objects other than tensors and plain containers, and unpickling them could run "
@@ -309,7 +335,8 @@ def load_torch_file(path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: `path` does not exist.
         UnsafeCheckpointError: the file names a global that is not a tensor builder
-            or plain container (e.g. `posix.system`, pytorch-lightning callbacks).
+            or plain container (e.g. `posix.system`). pytorch-lightning classes in
+            training metadata become inert placeholders instead.
         ValueError: the file is truncated, corrupted or not a PyTorch checkpoint.
 
     Example:
