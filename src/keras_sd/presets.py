@@ -25,7 +25,12 @@ _SD2_BASE = {
     "vae": vae.SD1_CONFIG,
     "scheduler": {},
 }
-_SD2_V = {**_SD2_BASE, "scheduler": {"prediction_type": "v_prediction"}}
+# SD 2.x at 768 px: v-prediction, and attention logits computed in float32.
+_SD2_V = {
+    **_SD2_BASE,
+    "unet": {**unet.SD2_CONFIG, "upcast_attention": True},
+    "scheduler": {"prediction_type": "v_prediction"},
+}
 _TINY = {
     "tokenizer": {},
     "text_encoder": clip_text.TINY_CONFIG,

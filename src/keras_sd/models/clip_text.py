@@ -83,7 +83,7 @@ class CLIPEncoderLayer(layers.Layer):
         `[B, L, hidden_dim]`, the residual stream after this block.
 
     Example:
-    >>> block = CLIPEncoderLayer(32, 4, 37, name="encoder.layers.0")
+    >>> block = CLIPEncoderLayer(32, 4, 37, name="encoder-layers-0")
     >>> block(keras.ops.zeros((1, 5, 32))).shape
     (1, 5, 32)
     """
@@ -121,13 +121,13 @@ class CLIPEncoderLayer(layers.Layer):
             )
 
         self.layer_norm1 = norm("layer_norm1")
-        self.q_proj = dense(hidden_dim, "self_attn.q_proj")
-        self.k_proj = dense(hidden_dim, "self_attn.k_proj")
-        self.v_proj = dense(hidden_dim, "self_attn.v_proj")
-        self.out_proj = dense(hidden_dim, "self_attn.out_proj")
+        self.q_proj = dense(hidden_dim, "self_attn-q_proj")
+        self.k_proj = dense(hidden_dim, "self_attn-k_proj")
+        self.v_proj = dense(hidden_dim, "self_attn-v_proj")
+        self.out_proj = dense(hidden_dim, "self_attn-out_proj")
         self.layer_norm2 = norm("layer_norm2")
-        self.fc1 = dense(intermediate_dim, "mlp.fc1")
-        self.fc2 = dense(hidden_dim, "mlp.fc2")
+        self.fc1 = dense(intermediate_dim, "mlp-fc1")
+        self.fc2 = dense(hidden_dim, "mlp-fc2")
 
     def build(self, input_shape):
         hidden_shape = (None, None, self.hidden_dim)
@@ -219,10 +219,10 @@ class CLIPTextEncoder(keras.Model):
         self.layer_norm_epsilon = layer_norm_epsilon
 
         self.token_embedding = layers.Embedding(
-            vocab_size, hidden_dim, name="embeddings.token_embedding", dtype=self.dtype_policy
+            vocab_size, hidden_dim, name="embeddings-token_embedding", dtype=self.dtype_policy
         )
         self.position_embedding = layers.Embedding(
-            max_length, hidden_dim, name="embeddings.position_embedding", dtype=self.dtype_policy
+            max_length, hidden_dim, name="embeddings-position_embedding", dtype=self.dtype_policy
         )
         self.encoder_layers = [
             CLIPEncoderLayer(
@@ -231,7 +231,7 @@ class CLIPTextEncoder(keras.Model):
                 intermediate_dim,
                 activation=activation,
                 layer_norm_epsilon=layer_norm_epsilon,
-                name=f"encoder.layers.{i}",
+                name=f"encoder-layers-{i}",
                 dtype=self.dtype_policy,
             )
             for i in range(num_layers)

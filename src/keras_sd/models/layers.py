@@ -240,7 +240,7 @@ class Attention(layers.Layer):
         self.to_q = layers.Dense(inner, **dense, name="to_q")
         self.to_k = layers.Dense(inner, **dense, name="to_k")
         self.to_v = layers.Dense(inner, **dense, name="to_v")
-        self.to_out = layers.Dense(x_shape[-1], dtype=self.dtype_policy, name="to_out.0")
+        self.to_out = layers.Dense(x_shape[-1], dtype=self.dtype_policy, name="to_out-0")
         context_shape = x_shape if context_shape is None else context_shape
         self.to_q.build(x_shape)
         self.to_k.build(context_shape)
@@ -332,8 +332,8 @@ class BasicTransformerBlock(layers.Layer):
         self.norm3 = layers.LayerNormalization(
             epsilon=self.norm_eps, dtype=self.dtype_policy, name="norm3"
         )
-        self.ff_proj = layers.Dense(2 * hidden, dtype=self.dtype_policy, name="ff.net.0.proj")
-        self.ff_out = layers.Dense(dim, dtype=self.dtype_policy, name="ff.net.2")
+        self.ff_proj = layers.Dense(2 * hidden, dtype=self.dtype_policy, name="ff-net-0-proj")
+        self.ff_out = layers.Dense(dim, dtype=self.dtype_policy, name="ff-net-2")
         for norm in (self.norm1, self.norm2, self.norm3):
             norm.build(x_shape)
         self.attn1.build(x_shape)
@@ -420,7 +420,7 @@ class Transformer2D(layers.Layer):
                 self.head_dim,
                 upcast_attention=self.upcast_attention,
                 dtype=self.dtype_policy,
-                name=f"transformer_blocks.{i}",
+                name=f"transformer_blocks-{i}",
             )
             for i in range(self.num_layers)
         ]

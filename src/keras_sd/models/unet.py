@@ -154,22 +154,22 @@ class UNet(keras.Model):
         self.time_embedding = TimestepEmbedding(4 * first, dtype=dt, name="time_embedding")
         self.down_resnets, self.down_attentions, self.downsamplers = [], [], []
         for i in range(levels):
-            prefix = f"down_blocks.{i}"
+            prefix = f"down_blocks-{i}"
             self.down_resnets.append(self._resnets(i, layers_per_block, prefix))
             self.down_attentions.append(self._attentions(i, layers_per_block, prefix))
             if i < levels - 1:
                 self.downsamplers.append(
-                    Downsample2D(padding=1, dtype=dt, name=f"{prefix}.downsamplers.0")
+                    Downsample2D(padding=1, dtype=dt, name=f"{prefix}-downsamplers-0")
                 )
         self.mid_resnets = self._resnets(levels - 1, 2, "mid_block")
-        self.mid_attention = self._transformer(levels - 1, "mid_block.attentions.0")
+        self.mid_attention = self._transformer(levels - 1, "mid_block-attentions-0")
         self.up_resnets, self.up_attentions, self.upsamplers = [], [], []
         for u, level in enumerate(reversed(range(levels))):
-            prefix = f"up_blocks.{u}"
+            prefix = f"up_blocks-{u}"
             self.up_resnets.append(self._resnets(level, layers_per_block + 1, prefix))
             self.up_attentions.append(self._attentions(level, layers_per_block + 1, prefix))
             if u < levels - 1:
-                self.upsamplers.append(Upsample2D(dtype=dt, name=f"{prefix}.upsamplers.0"))
+                self.upsamplers.append(Upsample2D(dtype=dt, name=f"{prefix}-upsamplers-0"))
         self.conv_norm_out = GroupNorm(norm_num_groups, norm_eps, dtype=dt, name="conv_norm_out")
         self.conv_out = layers.Conv2D(out_channels, 3, padding="same", dtype=dt, name="conv_out")
         self.build(spatial_shape(in_channels))
@@ -181,7 +181,7 @@ class UNet(keras.Model):
                 self.norm_num_groups,
                 self.norm_eps,
                 dtype=self.dtype_policy,
-                name=f"{prefix}.resnets.{j}",
+                name=f"{prefix}-resnets-{j}",
             )
             for j in range(count)
         ]
@@ -202,7 +202,7 @@ class UNet(keras.Model):
     def _attentions(self, level, count, prefix):
         if not self.attention_levels[level]:
             return []
-        return [self._transformer(level, f"{prefix}.attentions.{j}") for j in range(count)]
+        return [self._transformer(level, f"{prefix}-attentions-{j}") for j in range(count)]
 
     def build(self, latents_shape, timesteps_shape=None, context_shape=None):
         # Walk the network as `call` does, tracking channel counts (and the skip

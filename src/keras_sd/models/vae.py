@@ -134,12 +134,12 @@ class _VAEBase(keras.Model):
 
     def _make_mid_block(self, prefix):
         channels = self.block_out_channels[-1]
-        self.mid_resnets = [self._resnet(channels, f"{prefix}.resnets.{j}") for j in range(2)]
+        self.mid_resnets = [self._resnet(channels, f"{prefix}-resnets-{j}") for j in range(2)]
         self.mid_attention = SpatialSelfAttention(
             self.norm_num_groups,
             self.norm_eps,
             dtype=self.dtype_policy,
-            name=f"{prefix}.attentions.0",
+            name=f"{prefix}-attentions-0",
         )
 
     def _build_mid_block(self, in_channels):
@@ -195,25 +195,25 @@ class VAEEncoder(_VAEBase):
         super().__init__(*args, **kwargs)
         dt, channels = self.dtype_policy, self.block_out_channels
         self.conv_in = layers.Conv2D(
-            channels[0], 3, padding="same", dtype=dt, name="encoder.conv_in"
+            channels[0], 3, padding="same", dtype=dt, name="encoder-conv_in"
         )
         self.down_resnets, self.downsamplers = [], []
         for i, out in enumerate(channels):
-            prefix = f"encoder.down_blocks.{i}"
+            prefix = f"encoder-down_blocks-{i}"
             self.down_resnets.append(
-                [self._resnet(out, f"{prefix}.resnets.{j}") for j in range(self.layers_per_block)]
+                [self._resnet(out, f"{prefix}-resnets-{j}") for j in range(self.layers_per_block)]
             )
             if i < len(channels) - 1:
                 # padding=0: diffusers pads bottom/right only in the VAE.
                 self.downsamplers.append(
-                    Downsample2D(padding=0, dtype=dt, name=f"{prefix}.downsamplers.0")
+                    Downsample2D(padding=0, dtype=dt, name=f"{prefix}-downsamplers-0")
                 )
-        self._make_mid_block("encoder.mid_block")
+        self._make_mid_block("encoder-mid_block")
         self.conv_norm_out = GroupNorm(
-            self.norm_num_groups, self.norm_eps, dtype=dt, name="encoder.conv_norm_out"
+            self.norm_num_groups, self.norm_eps, dtype=dt, name="encoder-conv_norm_out"
         )
         moments = 2 * self.latent_channels
-        self.conv_out = layers.Conv2D(moments, 3, padding="same", dtype=dt, name="encoder.conv_out")
+        self.conv_out = layers.Conv2D(moments, 3, padding="same", dtype=dt, name="encoder-conv_out")
         self.quant_conv = layers.Conv2D(moments, 1, dtype=dt, name="quant_conv")
         self.build(spatial_shape(self.in_channels))
 
@@ -267,25 +267,25 @@ class VAEDecoder(_VAEBase):
             self.latent_channels, 1, dtype=dt, name="post_quant_conv"
         )
         self.conv_in = layers.Conv2D(
-            channels[-1], 3, padding="same", dtype=dt, name="decoder.conv_in"
+            channels[-1], 3, padding="same", dtype=dt, name="decoder-conv_in"
         )
-        self._make_mid_block("decoder.mid_block")
+        self._make_mid_block("decoder-mid_block")
         self.up_resnets, self.upsamplers = [], []
         for u, out in enumerate(reversed(channels)):
-            prefix = f"decoder.up_blocks.{u}"
+            prefix = f"decoder-up_blocks-{u}"
             self.up_resnets.append(
                 [
-                    self._resnet(out, f"{prefix}.resnets.{j}")
+                    self._resnet(out, f"{prefix}-resnets-{j}")
                     for j in range(self.layers_per_block + 1)
                 ]
             )
             if u < len(channels) - 1:
-                self.upsamplers.append(Upsample2D(dtype=dt, name=f"{prefix}.upsamplers.0"))
+                self.upsamplers.append(Upsample2D(dtype=dt, name=f"{prefix}-upsamplers-0"))
         self.conv_norm_out = GroupNorm(
-            self.norm_num_groups, self.norm_eps, dtype=dt, name="decoder.conv_norm_out"
+            self.norm_num_groups, self.norm_eps, dtype=dt, name="decoder-conv_norm_out"
         )
         self.conv_out = layers.Conv2D(
-            self.out_channels, 3, padding="same", dtype=dt, name="decoder.conv_out"
+            self.out_channels, 3, padding="same", dtype=dt, name="decoder-conv_out"
         )
         self.build(spatial_shape(self.latent_channels))
 

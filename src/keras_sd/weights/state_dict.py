@@ -1,11 +1,13 @@
 """Map Keras variables to PyTorch-style state-dict names and back.
 
-Every keras-sd model names its sublayers after the matching PyTorch module
-(`down_blocks.0.resnets.1.conv1`, `encoder.layers.3.self_attn.q_proj`, ...), so
-the name of each variable in a diffusers/transformers state dict follows from
-the layer tree alone. This module is the one place that knows the layout
-difference: PyTorch stores `Linear` weights as [out, in] and `Conv2d` weights as
-[out, in, kh, kw]; Keras stores [in, out] and [kh, kw, in, out].
+Every keras-sd model names its sublayers after the matching PyTorch module,
+with `-` where PyTorch has `.` (`down_blocks-0-resnets-1`, `self_attn-q_proj`),
+so the name of each variable in a diffusers/transformers state dict follows
+from the layer tree alone. (Keras' PyTorch backend keys parameters by layer
+path, and torch forbids dots there, hence the separator.) This module is the
+one place that knows the layout difference: PyTorch stores `Linear` weights
+as [out, in] and `Conv2d` weights as [out, in, kh, kw]; Keras stores [in, out]
+and [kh, kw, in, out].
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ _PARAM_NAMES = {
     layers.Embedding: {"embeddings": "weight"},
     layers.LayerNormalization: {"gamma": "weight", "beta": "bias"},
 }
+
+
+# Stands for "." inside layer names (see the module docstring).
+NAME_SEPARATOR = "-"
 
 
 class CheckpointError(ValueError):
@@ -46,7 +52,8 @@ def named_variables(model) -> dict:
     """Return `{torch_style_name: keras.Variable}` for every weight of `model`.
 
     Names are the dotted path of layer names below `model` (the model's own
-    name is not included), followed by the PyTorch parameter name.
+    name is not included; `-` inside a name also becomes `.`), followed by the
+    PyTorch parameter name.
 
     Example:
     >>> from keras_sd.models.clip_text import TINY_CONFIG, CLIPTextEncoder
@@ -61,7 +68,7 @@ def named_variables(model) -> dict:
         for var in _own_variables(layer):
             out[prefix + _param_name(layer, var)] = var
         for child in _direct_sublayers(layer):
-            visit(child, prefix + child.name + ".")
+            visit(child, prefix + child.name.replace(NAME_SEPARATOR, ".") + ".")
 
     visit(model, "")
     return out
