@@ -1,0 +1,120 @@
+"""Single-file keras-sd bundles: every component's weights plus the model config.
+
+One `.safetensors` file holds the diffusers-layout state dicts under the prefixes
+"unet.", "vae." and "text_encoder."; its metadata holds the model configuration (JSON,
+the `config` dict of `StableDiffusion`), the default image size and the tokenizer's
+added tokens. The bundled tiny-shapes model uses this format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from keras_sd.weights.diffusers import export_components, load_components
+
+FORMAT = "keras_sd.bundle"
+VERSION = "1"
+COMPONENT_PREFIXES = ("unet", "vae", "text_encoder")
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def save_bundle(sd, path, dtype: str = "float16") -> None:
+    """Write all weights and the config of a `StableDiffusion` to one safetensors file.
+
+    Args:
+        sd: a `StableDiffusion`.
+        path: the file to write (conventionally `*.safetensors`).
+        dtype: storage precision of the weights, "float16" (half the size) or "float32".
+
+    Example:
+    >>> save_bundle(sd, "tiny-shapes.safetensors")  # doctest: +SKIP
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32'; received {dtype!r}.")
+    tensors = {}
+    for component, state in export_components(sd).items():
+        for key, value in state.items():
+            tensors[f"{component}.{key}"] = np.ascontiguousarray(value, dtype=dtype)
+    config = dict(sd.config)
+    config["tokenizer"] = {k: v for k, v in config["tokenizer"].items() if k != "added_tokens"}
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": json.dumps(config),
+        "img_width": str(sd.img_width),
+        "img_height": str(sd.img_height),
+        "added_tokens": json.dumps(sd.tokenizer.added_tokens),
+    }
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def read_bundle(path) -> tuple[dict, dict]:
+    """(metadata, {component: state dict}) of a bundle file, weights as stored.
+
+    Raises:
+        FileNotFoundError: when `path` does not exist.
+        ValueError: naming the file, when it is not a readable keras-sd bundle.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No keras-sd bundle at {path!r}.")
+    try:
+        with safe_open(path, framework="np") as handle:
+            metadata = handle.metadata() or {}
+            states = {name: {} for name in COMPONENT_PREFIXES}
+            for key in handle.keys():
+                component, _, name = key.partition(".")
+                if component not in states:
+                    raise ValueError(f"unexpected tensor {key!r}")
+                states[component][name] = handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path!r} is not a readable keras-sd bundle (corrupt or truncated?): {err}"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path!r} is a safetensors file but not a keras-sd bundle "
+            f"(metadata format={metadata.get('format')!r}, expected {FORMAT!r})."
+        )
+    return metadata, states
+
+
+def load_bundle(path, **sd_kwargs):
+    """Rebuild the `StableDiffusion` saved by `save_bundle`.
+
+    Weights are cast to the variable dtype of the global Keras dtype policy (float32
+    unless a float16/bfloat16 policy is active).
+
+    Args:
+        path: a bundle file.
+        **sd_kwargs: `StableDiffusion` arguments (`jit_compile`, `img_width`, ...);
+            the image size defaults to the one saved in the bundle.
+
+    Returns:
+        A `StableDiffusion` with the bundle's config and weights.
+
+    Example:
+    >>> sd = load_bundle("tiny-shapes.safetensors", jit_compile=False)  # doctest: +SKIP
+    """
+    from keras_sd.pipeline import StableDiffusion
+
+    metadata, states = read_bundle(path)
+    config = json.loads(metadata["config"])
+    config["tokenizer"]["added_tokens"] = json.loads(metadata.get("added_tokens", "[]"))
+    sd_kwargs.setdefault("img_width", int(metadata["img_width"]))
+    sd_kwargs.setdefault("img_height", int(metadata["img_height"]))
+    sd = StableDiffusion(config=config, **sd_kwargs)
+    dtype = keras.mixed_precision.global_policy().variable_dtype
+    if dtype not in _DTYPES:
+        dtype = "float32"
+    load_components(
+        sd,
+        **{name: {k: v.astype(dtype) for k, v in state.items()} for name, state in states.items()},
+    )
+    return sd
