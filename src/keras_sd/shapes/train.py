@@ -253,7 +253,9 @@ def parse_args(argv=None):
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--decoder-epochs", type=int, default=0)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
-    p.add_argument("--init", help="start from this bundle instead of stages 1 and 2")
+    p.add_argument(
+        "--init", help="start from this bundle: skip stage 1, continue stage 2 if --unet-epochs"
+    )
     p.add_argument("--eval-images", type=int, default=4)
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--no-jit", dest="jit_compile", action="store_false")
@@ -267,6 +269,8 @@ def main(argv=None) -> dict:
     report = {"args": vars(args)}
     if args.init:
         sd = load_bundle(args.init, jit_compile=args.jit_compile)
+        if args.unet_epochs:  # continue stage 2 (use another --seed for fresh renders)
+            report.update(train_unet(sd, args))
     else:
         sd = train_first_stages(args, report)
     if args.decoder_epochs:
