@@ -223,3 +223,16 @@ def test_full_size_parity(config):
     actual = keras.ops.convert_to_numpy(unet(*inputs))
     error = max_abs_normalized_error(actual, expected)
     assert error <= FLOAT32_TOLERANCE, error
+
+
+def test_symbolic_call_with_unknown_batch_keeps_channels():
+    """fit() traces with an unknown batch on a partial last batch; shapes must stay static."""
+    import keras
+
+    unet = UNet(**TINY_CONFIG)
+    out = unet(
+        keras.Input((8, 8, TINY_CONFIG["in_channels"])),
+        keras.Input((), dtype="int32"),
+        keras.Input((5, TINY_CONFIG["cross_attention_dim"])),
+    )
+    assert tuple(out.shape) == (None, 8, 8, TINY_CONFIG["out_channels"])

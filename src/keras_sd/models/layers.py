@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 from keras import layers, ops
 
 
@@ -19,6 +20,7 @@ def spatial_shape(channels: int) -> tuple:
     return (None, None, None, channels)
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class GroupNorm(layers.Layer):
     """Group normalization over channels-last tensors, statistics in float32.
 
@@ -74,6 +76,7 @@ class GroupNorm(layers.Layer):
         return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon}
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class ResnetBlock(layers.Layer):
     """Residual block: GroupNorm, SiLU, 3x3 conv, twice, with an optional time embedding.
 
@@ -142,6 +145,7 @@ class ResnetBlock(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class Downsample2D(layers.Layer):
     """Stride-2 3x3 convolution `conv` that halves height and width.
 
@@ -177,6 +181,7 @@ class Downsample2D(layers.Layer):
         return {**super().get_config(), "padding": self.padding}
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class Upsample2D(layers.Layer):
     """Nearest-neighbour x2 upsampling followed by a 3x3 convolution `conv`.
 
@@ -201,6 +206,7 @@ class Upsample2D(layers.Layer):
         return self.conv(ops.reshape(x, (b, h * 2, w * 2, c)))
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class Attention(layers.Layer):
     """Multi-head attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` layers.
 
@@ -260,7 +266,9 @@ class Attention(layers.Layer):
             q, k, v = (ops.cast(t, "float32") for t in (q, k, v))
         out = ops.dot_product_attention(q, k, v)
         b, length = ops.shape(x)[0], ops.shape(x)[1]
-        out = ops.reshape(ops.cast(out, self.compute_dtype), (b, length, -1))
+        out = ops.reshape(
+            ops.cast(out, self.compute_dtype), (b, length, self.num_heads * self.head_dim)
+        )
         return self.to_out(out)
 
     def get_config(self):
@@ -273,6 +281,7 @@ class Attention(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class BasicTransformerBlock(layers.Layer):
     """Pre-norm transformer block: self-attention, cross-attention, GEGLU feed-forward.
 
@@ -358,6 +367,7 @@ class BasicTransformerBlock(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class Transformer2D(layers.Layer):
     """Spatial transformer (diffusers `Transformer2DModel`): image features attend to context.
 
@@ -436,10 +446,13 @@ class Transformer2D(layers.Layer):
         # proj_in is pointwise, so it can run before or after flattening: the
         # order below keeps one reshape on each side of the blocks.
         tokens = self.proj_in(self.norm(x))
-        tokens = ops.reshape(tokens, (b, h * w, -1))  # [B, HW, inner]
+        # Static widths, not -1: with an unknown batch (fit() on a partial last
+        # batch) a -1 next to a dynamic dimension loses the channel count.
+        inner = self.num_heads * self.head_dim
+        tokens = ops.reshape(tokens, (b, h * w, inner))  # [B, HW, inner]
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        tokens = ops.reshape(tokens, (b, h, w, -1))
+        tokens = ops.reshape(tokens, (b, h, w, inner))
         return x + self.proj_out(tokens)
 
     def get_config(self):
@@ -482,6 +495,7 @@ def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
     return emb
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class TimestepEmbedding(layers.Layer):
     """MLP on the sinusoidal timestep features: `linear_1`, SiLU, `linear_2`.
 

@@ -68,6 +68,7 @@ def _per_level(value, levels: int, name: str) -> tuple:
     return values
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class UNet(keras.Model):
     """Noise-prediction UNet of Stable Diffusion 1.x / 2.x (diffusers `UNet2DConditionModel`).
 

@@ -47,6 +47,7 @@ TINY_CONFIG = {
 }
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class SpatialSelfAttention(Attention):
     """Single-head self-attention over pixels with a GroupNorm and a residual (the VAE mid block).
 
@@ -165,6 +166,7 @@ class _VAEBase(keras.Model):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class VAEEncoder(_VAEBase):
     """Image -> latent distribution (diffusers `Encoder` + `quant_conv`).
 
@@ -243,6 +245,7 @@ class VAEEncoder(_VAEBase):
         return self.quant_conv(x)
 
 
+@keras.saving.register_keras_serializable(package="keras_sd")
 class VAEDecoder(_VAEBase):
     """Latents -> image (`post_quant_conv` + diffusers `Decoder`).
 
