@@ -84,7 +84,7 @@ class CLIPEncoderLayer(layers.Layer):
 
     Example:
     >>> block = CLIPEncoderLayer(32, 4, 37, name="encoder-layers-0")
-    >>> block(keras.ops.zeros((1, 5, 32))).shape
+    >>> tuple(block(keras.ops.zeros((1, 5, 32))).shape)
     (1, 5, 32)
     """
 
@@ -192,7 +192,7 @@ class CLIPTextEncoder(keras.Model):
 
     Example:
     >>> enc = CLIPTextEncoder(**TINY_CONFIG)
-    >>> enc(keras.ops.zeros((2, 77), "int32")).shape
+    >>> tuple(enc(keras.ops.zeros((2, 77), "int32")).shape)
     (2, 77, 32)
     """
 

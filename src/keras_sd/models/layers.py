@@ -37,7 +37,7 @@ class GroupNorm(layers.Layer):
 
     Example:
     >>> norm = GroupNorm(groups=8, epsilon=1e-6)
-    >>> norm(keras.ops.ones((1, 4, 4, 32))).shape
+    >>> tuple(norm(keras.ops.ones((1, 4, 4, 32))).shape)
     (1, 4, 4, 32)
     """
 
@@ -94,7 +94,7 @@ class ResnetBlock(layers.Layer):
     Example:
     >>> block = ResnetBlock(64, norm_groups=8)
     >>> block.build((None, None, None, 32), (None, 128))
-    >>> block(keras.ops.ones((1, 8, 8, 32)), keras.ops.ones((1, 128))).shape
+    >>> tuple(block(keras.ops.ones((1, 8, 8, 32)), keras.ops.ones((1, 128))).shape)
     (1, 8, 8, 64)
     """
 
@@ -157,7 +157,7 @@ class Downsample2D(layers.Layer):
         `[B, H, W, C]` -> `[B, H/2, W/2, C]` (even H and W).
 
     Example:
-    >>> Downsample2D(padding=1)(keras.ops.ones((1, 8, 8, 16))).shape
+    >>> tuple(Downsample2D(padding=1)(keras.ops.ones((1, 8, 8, 16))).shape)
     (1, 4, 4, 16)
     """
 
@@ -189,7 +189,7 @@ class Upsample2D(layers.Layer):
         `[B, H, W, C]` -> `[B, 2H, 2W, C]`.
 
     Example:
-    >>> Upsample2D()(keras.ops.ones((1, 4, 4, 16))).shape
+    >>> tuple(Upsample2D()(keras.ops.ones((1, 4, 4, 16))).shape)
     (1, 8, 8, 16)
     """
 
@@ -227,7 +227,7 @@ class Attention(layers.Layer):
     Example:
     >>> attn = Attention(num_heads=2, head_dim=8)
     >>> attn.build((None, None, 32), (None, None, 24))
-    >>> attn(keras.ops.ones((1, 5, 32)), keras.ops.ones((1, 7, 24))).shape
+    >>> tuple(attn(keras.ops.ones((1, 5, 32)), keras.ops.ones((1, 7, 24))).shape)
     (1, 5, 32)
     """
 
@@ -301,7 +301,7 @@ class BasicTransformerBlock(layers.Layer):
     Example:
     >>> block = BasicTransformerBlock(num_heads=2, head_dim=16)
     >>> block.build((None, None, 32), (None, None, 24))
-    >>> block(keras.ops.ones((1, 5, 32)), keras.ops.ones((1, 7, 24))).shape
+    >>> tuple(block(keras.ops.ones((1, 5, 32)), keras.ops.ones((1, 7, 24))).shape)
     (1, 5, 32)
     """
 
@@ -391,7 +391,7 @@ class Transformer2D(layers.Layer):
     Example:
     >>> t = Transformer2D(num_heads=2, head_dim=16, norm_groups=8)
     >>> t.build((None, None, None, 32), (None, None, 24))
-    >>> t(keras.ops.ones((1, 4, 4, 32)), keras.ops.ones((1, 7, 24))).shape
+    >>> tuple(t(keras.ops.ones((1, 4, 4, 32)), keras.ops.ones((1, 7, 24))).shape)
     (1, 4, 4, 32)
     """
 
@@ -483,7 +483,7 @@ def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
         `[B, dim]` float32.
 
     Example:
-    >>> timestep_embedding(keras.ops.array([0, 500]), 8).shape
+    >>> tuple(timestep_embedding(keras.ops.array([0, 500]), 8).shape)
     (2, 8)
     """
     half = dim // 2
@@ -506,7 +506,7 @@ class TimestepEmbedding(layers.Layer):
         `[B, F]` -> `[B, dim]`.
 
     Example:
-    >>> TimestepEmbedding(64)(keras.ops.ones((2, 16))).shape
+    >>> tuple(TimestepEmbedding(64)(keras.ops.ones((2, 16))).shape)
     (2, 64)
     """
 

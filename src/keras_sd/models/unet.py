@@ -102,7 +102,7 @@ class UNet(keras.Model):
     >>> from keras_sd.models.unet import UNet, TINY_CONFIG
     >>> unet = UNet(**TINY_CONFIG)
     >>> eps = unet(keras.ops.zeros((1, 8, 8, 4)), 10, keras.ops.zeros((1, 7, 32)))
-    >>> eps.shape
+    >>> tuple(eps.shape)
     (1, 8, 8, 4)
     """
 

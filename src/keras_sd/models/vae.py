@@ -62,7 +62,7 @@ class SpatialSelfAttention(Attention):
 
     Example:
     >>> attn = SpatialSelfAttention(norm_groups=8)
-    >>> attn(keras.ops.ones((1, 4, 4, 32))).shape
+    >>> tuple(attn(keras.ops.ones((1, 4, 4, 32))).shape)
     (1, 4, 4, 32)
     """
 
@@ -188,7 +188,7 @@ class VAEEncoder(_VAEBase):
 
     Example:
     >>> from keras_sd.models.vae import VAEEncoder, TINY_CONFIG
-    >>> VAEEncoder(**TINY_CONFIG)(keras.ops.zeros((1, 16, 16, 3))).shape
+    >>> tuple(VAEEncoder(**TINY_CONFIG)(keras.ops.zeros((1, 16, 16, 3))).shape)
     (1, 8, 8, 8)
     """
 
@@ -258,7 +258,7 @@ class VAEDecoder(_VAEBase):
 
     Example:
     >>> from keras_sd.models.vae import VAEDecoder, TINY_CONFIG
-    >>> VAEDecoder(**TINY_CONFIG)(keras.ops.zeros((1, 8, 8, 4))).shape
+    >>> tuple(VAEDecoder(**TINY_CONFIG)(keras.ops.zeros((1, 8, 8, 4))).shape)
     (1, 16, 16, 3)
     """
 

@@ -73,7 +73,14 @@ def load_components(sd, unet=None, vae=None, text_encoder=None) -> None:
 
 
 def export_components(sd) -> dict[str, dict]:
-    """The inverse of `load_components`: diffusers-layout numpy state dicts."""
+    """The inverse of `load_components`: diffusers-layout numpy state dicts.
+
+    Example:
+    >>> from keras_sd import StableDiffusion
+    >>> parts = export_components(StableDiffusion(32, 32, config="tiny"))
+    >>> sorted(parts), "conv_in.weight" in parts["unet"]
+    (['text_encoder', 'unet', 'vae'], True)
+    """
     vae = export_state_dict(sd.image_encoder)
     vae.update(export_state_dict(sd.decoder))
     return {
