@@ -1,0 +1,155 @@
+"""Tables and environment record for `bench.py` results (markdown)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+import numpy as np
+
+VERSIONS = (
+    "tensorflow",
+    "keras",
+    "jax",
+    "jaxlib",
+    "torch",
+    "diffusers",
+    "transformers",
+    "keras-cv",
+    "numpy",
+)
+
+
+def environment() -> dict:
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), "?")
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024**2, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {n: version(n) for n in VERSIONS},
+        "loadavg_start": os.getloadavg(),
+        "command": " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]),
+    }
+
+
+def image_diffs(rows: list) -> None:
+    """Mean |difference| (0-255) of each row's images to diffusers float32's, same case."""
+    refs = {(r["size"], r["batch"]): r["images"] for r in rows if r["name"] == "diffusers/float32"}
+    for r in rows:
+        ref = refs.get((r["size"], r["batch"]))
+        if ref and not r["name"].startswith("keras-cv"):
+            diff = np.load(r["images"]).astype(np.float32) - np.load(ref).astype(np.float32)
+            r["image_diff"] = float(np.abs(diff).mean())
+
+
+def pct(share):
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+COLUMNS = (
+    ("variant", lambda r: r["name"]),
+    ("size", lambda r: r["size"]),
+    ("batch", lambda r: r["batch"]),
+    ("UNet s/call (batch 2B)", lambda r: fmt(r["unet_s"], 3)),
+    ("UNet s/call (batch B)", lambda r: fmt(r.get("unet_half_s"), 3)),
+    ("UNet CPU s (2B)", lambda r: fmt(r.get("unet_cpu_s"), 2)),
+    ("others' CPU during UNet", lambda r: pct(r.get("unet_others"))),
+    ("loop s/step", lambda r: fmt(r["loop_step_s"], 3)),
+    ("s/image", lambda r: fmt(r["image_s"])),
+    ("others' CPU during t2i", lambda r: pct(r.get("t2i_others"))),
+    ("first t2i s", lambda r: fmt(r["t2i_first_s"])),
+    ("compile s", lambda r: fmt(r["compile_s"])),
+    ("encode s", lambda r: fmt(r["encode_s"], 3)),
+    ("decode s", lambda r: fmt(r["decode_s"])),
+    ("build+load s", lambda r: fmt(r["build_s"] + r["load_s"], 1)),
+    ("case peak RSS GB", lambda r: fmt(r["case_peak_rss_gb"])),
+    ("max RSS GB", lambda r: fmt(r["max_rss_gb"])),
+    ("img diff vs diffusers f32", lambda r: fmt(r.get("image_diff"))),
+    ("finite", lambda r: "yes" if r["unet_finite"] else "NO"),
+    ("load avg", lambda r: "/".join(fmt(x, 1) for x in r["loadavg"])),
+)
+
+
+def table(rows: list) -> str:
+    columns = list(COLUMNS)
+    if any("gpu_peak_gb" in r for r in rows):
+        columns.append(("GPU peak GB", lambda r: fmt(r.get("gpu_peak_gb"))))
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in sorted(rows, key=lambda r: (r["size"], r["batch"], r["precision"], r["name"])):
+        lines.append("| " + " | ".join(str(c[1](r)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+RATIOS = (("unet_s", "UNet"), ("unet_cpu_s", "UNet CPU"), ("loop_step_s", "step"),
+          ("image_s", "image"))  # fmt: skip
+
+
+def ratio_table(rows: list) -> str:
+    """Other runtime's best / keras-sd's best (same case and precision): > 1 = keras-sd faster."""
+    head = ["size", "batch", "precision", "keras-sd backend"]
+    head += [f"{other}/keras-sd {label}" for other in ("diffusers", "KerasCV")
+             for _, label in RATIOS]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def best(case, prefix, key):
+        pool = [r for r in rows if (r["size"], r["batch"], r["precision"]) == case
+                and r["name"].startswith(prefix) and r.get(key) is not None]  # fmt: skip
+        return min(r[key] for r in pool) if pool else None
+
+    for case in sorted({(r["size"], r["batch"], r["precision"]) for r in rows}):
+        for backend in ("tf", "jax"):
+            ours = {key: best(case, f"keras-sd/{backend}/", key) for key, _ in RATIOS}
+            if ours["unet_s"] is None:
+                continue
+            cells = [*case, backend]
+            for other in ("diffusers/", "keras-cv/"):
+                for key, _ in RATIOS:
+                    theirs = best(case, other, key)
+                    cells.append(fmt(theirs / ours[key]) if theirs and ours[key] else "-")
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def startup_table(startup: dict) -> str:
+    lines = [
+        "| runtime | how | import s | build s | load s | build+load s | max RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in startup.items():
+        if key == "cli":
+            continue
+        name = r["runtime"]
+        if "error" in r:
+            lines.append(f"| {name} | FAILED: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {r['how']} | {fmt(r['import_s'], 1)} | {fmt(r['build_s'], 1)} | "
+            f"{fmt(r['load_s'], 1)} | {fmt(r['build_load_s'], 1)} | "
+            f"{fmt(r['max_rss_gb'])} |"
+        )
+    cli = startup["cli"]
+    lines.append("")
+    lines.append(
+        f"`{cli['command']}`: progress bar (loop starts) after "
+        f"{fmt(cli.get('loop_start_s'), 1)} s, first denoising step done after "
+        f"{fmt(cli.get('first_step_s'), 1)} s, exit after {fmt(cli['exit_s'], 1)} s"
+        + (f"; FAILED: {cli['error']}" if "error" in cli else "")
+    )
+    return "\n".join(lines)

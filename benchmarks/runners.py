@@ -1,0 +1,562 @@
+"""Benchmark workers: one runtime in one process, started by `bench.py`.
+
+    python benchmarks/runners.py SPEC.json
+
+A worker reads its spec (runtime, variant, cases, weights folder), builds that
+runtime's Stable Diffusion on the shared weights, times it and appends one JSON
+line per case to the spec's results file. Processes keep backends apart (Keras
+picks its backend at import; TensorFlow, JAX and PyTorch each keep their own
+thread pools and allocators) and make peak memory a per-runtime figure.
+
+Every figure is a wall-clock measurement taken here; nothing is extrapolated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+PROMPT = "a photograph of an astronaut riding a horse"
+UNET_TIMESTEP = 500
+GIB = 1024**3
+TICKS, CORES = os.sysconf("SC_CLK_TCK"), os.cpu_count()
+START = time.perf_counter()  # as early as this process can take it: imports count
+
+
+# ----------------------------------------------------------------- measuring
+class RSSMonitor:
+    """Samples this process's resident memory every `interval` seconds.
+
+    `ru_maxrss` only grows, so it cannot tell the peak of one phase (a case) from
+    the peak of weight loading; a sampler can.
+    """
+
+    def __init__(self, interval: float = 0.01):
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.interval = interval
+        self.peak = self.current()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while True:
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        self.peak = self.current()
+
+
+def max_rss() -> int:
+    """Peak resident memory of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def busy_jiffies() -> int:
+    """CPU time spent busy by the whole machine (all processes), in clock ticks."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9]
+        )
+    return user + nice + system + irq + softirq + steal
+
+
+def timed(fn, repeats: int):
+    """Run `fn` once cold, then `repeats` times warm; `fn` must block until done.
+
+    Returns:
+        (first-call seconds, warm runs, the first call's result); each warm run is
+        (wall s, this process's CPU s, share of the machine's cores other processes
+        kept busy meanwhile). CPU seconds grow far less than wall time when other
+        processes compete for the cores; the share says how much they did.
+    """
+    start = time.perf_counter()
+    result = fn()
+    first = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        busy, start_cpu = busy_jiffies(), time.process_time()
+        start = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - start_cpu
+        others = (busy_jiffies() - busy) / TICKS - cpu
+        runs.append((wall, cpu, max(0.0, others) / (wall * CORES)))
+    return first, runs, result
+
+
+def noise(seed: int, shape) -> np.ndarray:
+    """The same seeded float32 normal array in every worker (numpy, channels-last)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def measure(spec, case, calls, monitor) -> dict:
+    """Time one case's four blocking callables and return its result row.
+
+    Args:
+        calls: {"unet": `unet(n)` one UNet call on the first n of 2B inputs, "t2i": text_to_image
+            returning uint8 images, "encode": the prompt and the negative prompt
+            encoded, "decode": the VAE decoder on B latents}.
+    """
+    monitor.reset()
+    steps, batch = spec["steps"], case["batch"]
+    unet = timed(lambda: calls["unet"](2 * batch), spec["repeats"])
+    # Batch B too: the cost of guidance as two half-batch calls (KerasCV's loop) instead of one.
+    half = timed(lambda: calls["unet"](batch), spec["repeats"])
+    t2i = timed(calls["t2i"], spec["t2i_repeats"])
+    encode = timed(calls["encode"], 3)
+    decode = timed(calls["decode"], 2)
+    # Best of the warm repeats: on a shared machine other processes only ever add time.
+    best = {name: min(runs[1], key=lambda run: run[0]) if runs[1] else None
+            for name, runs in (("unet", unet), ("half", half), ("t2i", t2i),
+                               ("encode", encode), ("decode", decode))}  # fmt: skip
+    t2i_warm = best["t2i"][0] if best["t2i"] else t2i[0]
+    encode_s, decode_s = best["encode"][0], best["decode"][0]
+    path = os.path.join(spec["out_dir"], f"{spec['name'].replace('/', '_')}-{case['id']}.npy")
+    np.save(path, t2i[2])
+    return {
+        **case,
+        "name": spec["name"],
+        "steps": steps,
+        "unet_first_s": unet[0],
+        "unet_s": best["unet"][0],
+        "unet_cpu_s": best["unet"][1],
+        "unet_others": best["unet"][2],
+        "unet_median_s": statistics.median(run[0] for run in unet[1]),
+        "unet_all_s": [run[0] for run in unet[1]],
+        "unet_half_s": best["half"][0],
+        "unet_half_cpu_s": best["half"][1],
+        "t2i_first_s": t2i[0],
+        "t2i_s": t2i_warm,
+        "t2i_all_s": [run[0] for run in t2i[1]],
+        "t2i_cpu_s": best["t2i"][1] if best["t2i"] else None,
+        "t2i_others": best["t2i"][2] if best["t2i"] else None,
+        "encode_s": encode_s,
+        "decode_s": decode_s,
+        # Derived from the measurements above by subtraction, not estimated.
+        "loop_step_s": (t2i_warm - decode_s - encode_s) / steps,
+        "image_s": t2i_warm / batch,
+        "compile_s": t2i[0] - t2i_warm,
+        "unet_finite": bool(np.isfinite(np.asarray(unet[2], np.float32)).all()),
+        "images": path,
+        "case_peak_rss_gb": monitor.peak / GIB,
+        "max_rss_gb": max_rss() / GIB,
+        "loadavg": os.getloadavg()[0],
+    }
+
+
+def gpu_memory(framework: str):
+    """(reset, peak bytes) of the framework's GPU allocator, or None without a GPU."""
+    if framework == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            return None
+        return (
+            lambda: tf.config.experimental.reset_memory_stats("GPU:0"),
+            lambda: tf.config.experimental.get_memory_info("GPU:0")["peak"],
+        )
+    if framework == "jax":
+        import jax
+
+        device = jax.local_devices()[0]
+        if device.platform == "cpu":
+            return None
+        # JAX cannot reset its peak: later cases report the peak since start.
+        return (lambda: None, lambda: device.memory_stats()["peak_bytes_in_use"])
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
+
+
+def run_cases(spec, emit, monitor, setup: dict, make_calls, framework: str) -> None:
+    """Measure every case of the spec; `setup` times go on the first row only."""
+    gpu = gpu_memory(framework)
+    for case in spec["cases"]:
+        calls = make_calls(case)
+        # KerasCV builds per image size: its build time goes on that size's first row.
+        setup = {**setup, "build_s": setup.get("build_s", 0.0) + calls.pop("build_s", 0.0)}
+        if gpu:
+            gpu[0]()
+        row = {**setup, **measure(spec, case, calls, monitor)}
+        if gpu:
+            row["gpu_peak_gb"] = gpu[1]() / GIB
+        emit(row)
+        setup = {"import_s": 0.0, "build_s": 0.0, "load_s": 0.0}
+
+
+# ------------------------------------------------------------------ keras-sd
+def keras_sd_config(folder: str) -> dict:
+    """A keras-sd `config` dict read from a diffusers folder's json files."""
+    from keras_sd.models import clip_text, unet, vae
+    from keras_sd.schedulers import ddim
+
+    def read(sub, name="config.json"):
+        with open(os.path.join(folder, sub, name)) as f:
+            return json.load(f)
+
+    return {
+        "tokenizer": {},
+        "text_encoder": clip_text.config_from_transformers(read("text_encoder")),
+        "unet": unet.config_from_diffusers(read("unet")),
+        "vae": vae.config_from_diffusers(read("vae")),
+        "scheduler": ddim.config_from_diffusers(read("scheduler", "scheduler_config.json")),
+    }
+
+
+def read_diffusers_weights(folder: str) -> dict:
+    """The three diffusers-layout state dicts of a folder, as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    files = {
+        "unet": "unet/diffusion_pytorch_model.safetensors",
+        "vae": "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder": "text_encoder/model.safetensors",
+    }
+    return {name: load_file(os.path.join(folder, path)) for name, path in files.items()}
+
+
+def run_keras_sd(spec, emit, monitor):
+    import keras
+
+    keras.mixed_precision.set_global_policy(spec["policy"])
+    from keras import ops
+
+    import keras_sd
+    from keras_sd import backend
+
+    t0 = time.perf_counter()
+    first = spec["cases"][0]["size"]
+    with backend.skip_initializers():  # the weights are loaded next
+        sd = keras_sd.StableDiffusion(
+            first, first, jit_compile=spec["jit"], config=keras_sd_config(spec["weights"])
+        )
+    t1 = time.perf_counter()
+    keras_sd.load_components(sd, **read_diffusers_weights(spec["weights"]))
+    setup = {"import_s": t0 - START, "build_s": t1 - t0, "load_s": time.perf_counter() - t1}
+    unet_fn = backend.compile_function(backend.stateless(sd.diffusion_model), spec["jit"])
+    state = backend.model_state(sd.diffusion_model)
+
+    def make_calls(case):
+        size, batch, channels = case["size"], case["batch"], sd.latent_channels
+        h = size // sd.latent_factor
+        x = ops.convert_to_tensor(noise(1, (2 * batch, h, h, channels)))
+        t = ops.convert_to_tensor(np.full((2 * batch,), UNET_TIMESTEP, np.int32))
+        ctx_shape = (2 * batch, sd.tokenizer.max_length, sd.text_encoder.hidden_dim)
+        ctx = ops.convert_to_tensor(noise(2, ctx_shape))
+        latents = noise(spec["seed"], (batch, h, h, channels))
+
+        def unet(n):
+            with backend.no_grad():
+                return ops.convert_to_numpy(unet_fn(state, x[:n], t[:n], ctx[:n]))
+
+        def t2i():
+            return sd.text_to_image(
+                PROMPT,
+                batch_size=batch,
+                num_steps=spec["steps"],
+                unconditional_guidance_scale=spec["guidance"],
+                diffusion_noise=latents,
+                width=size,
+                height=size,
+                progress=False,
+            )
+
+        def encode():
+            return [ops.convert_to_numpy(sd.encode_text(p)) for p in (PROMPT, "")]
+
+        return {
+            "unet": unet,
+            "t2i": t2i,
+            "encode": encode,
+            "decode": lambda: sd.decode_latents(latents),
+        }
+
+    run_cases(spec, emit, monitor, setup, make_calls, keras.backend.backend())
+
+
+# ----------------------------------------------------------------- diffusers
+def run_diffusers(spec, emit, monitor):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = getattr(torch, spec["dtype"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        spec["weights"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if spec.get("torch_compile"):
+        pipe.unet = torch.compile(pipe.unet)
+    # diffusers builds and loads in one call; it is reported as load time.
+    setup = {"import_s": t0 - START, "build_s": 0.0, "load_s": time.perf_counter() - t0}
+    unet, vae = pipe.unet, pipe.vae
+    width = pipe.text_encoder.config.hidden_size
+
+    def tensor(array):  # channels-last numpy -> channels-first torch
+        if array.ndim == 4:
+            array = array.transpose(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype)
+
+    def make_calls(case):
+        size, batch, channels = case["size"], case["batch"], unet.config.in_channels
+        h = size // pipe.vae_scale_factor
+        x = tensor(noise(1, (2 * batch, h, h, channels)))
+        ctx = tensor(noise(2, (2 * batch, pipe.tokenizer.model_max_length, width)))
+        t = torch.tensor(UNET_TIMESTEP, device=device)
+        latents = noise(spec["seed"], (batch, h, h, channels))
+
+        @torch.inference_mode()
+        def unet_call(n):
+            out = unet(x[:n], t, encoder_hidden_states=ctx[:n]).sample
+            return out.float().cpu().numpy()
+
+        @torch.inference_mode()
+        def t2i():
+            out = pipe(
+                PROMPT,
+                height=size,
+                width=size,
+                num_inference_steps=spec["steps"],
+                guidance_scale=spec["guidance"],
+                num_images_per_prompt=batch,
+                latents=tensor(latents),
+                output_type="np",
+            ).images
+            return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+        @torch.inference_mode()
+        def encode():
+            embeds = pipe.encode_prompt(PROMPT, device, 1, True)
+            sync()
+            return embeds
+
+        @torch.inference_mode()
+        def decode():
+            out = vae.decode(tensor(latents) / vae.config.scaling_factor).sample
+            sync()
+            return out
+
+        return {"unet": unet_call, "t2i": t2i, "encode": encode, "decode": decode}
+
+    run_cases(spec, emit, monitor, setup, make_calls, "torch")
+
+
+# ------------------------------------------------------------------ KerasCV
+def run_keras_cv(spec, emit, monitor):
+    """KerasCV's own StableDiffusion with random weights (it has no diffusers reader).
+
+    Its components take the image size at construction, so the UNet and decoder
+    are rebuilt per size (counted as build time); vocabulary download is avoided
+    by handing its tokenizer keras-sd's bundled copy of the same BPE file.
+    """
+    import keras
+
+    keras.mixed_precision.set_global_policy(spec["policy"])
+    keras.utils.set_random_seed(spec["seed"])
+    import importlib.resources
+
+    from keras_cv.models import StableDiffusion
+    from keras_cv.src.models.stable_diffusion.clip_tokenizer import SimpleTokenizer
+    from keras_cv.src.models.stable_diffusion.constants import _UNCONDITIONAL_TOKENS
+    from keras_cv.src.models.stable_diffusion.decoder import Decoder
+    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
+    from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
+
+    max_length = len(_UNCONDITIONAL_TOKENS)
+    vocab = importlib.resources.files("keras_sd") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    jit = spec["jit"]
+    t0 = time.perf_counter()
+    setup = {"import_s": t0 - START, "load_s": 0.0}
+    tokenizer = SimpleTokenizer(bpe_path=str(vocab))
+    text_encoder = TextEncoder(max_length, download_weights=False)
+    if jit:
+        text_encoder.compile(jit_compile=True)
+    setup["build_s"] = time.perf_counter() - t0
+    models = {}
+
+    def build(size):
+        sd = StableDiffusion(img_width=size, img_height=size, jit_compile=jit)
+        if (sd.img_width, sd.img_height) != (size, size):
+            raise ValueError(f"KerasCV needs sizes that are multiples of 128; got {size}")
+        sd._tokenizer, sd._text_encoder = tokenizer, text_encoder
+        sd._diffusion_model = DiffusionModel(size, size, max_length, download_weights=False)
+        sd._decoder = Decoder(size, size, download_weights=False)
+        if jit:
+            sd._diffusion_model.compile(jit_compile=True)
+            sd._decoder.compile(jit_compile=True)
+        return sd
+
+    def make_calls(case):
+        size, batch = case["size"], case["batch"]
+        start = time.perf_counter()
+        if size not in models:
+            models[size] = build(size)
+        sd = models[size]
+        h = size // 8  # KerasCV hard-codes the VAE factor
+        inputs = {
+            "latent": noise(1, (2 * batch, h, h, 4)),
+            "timestep_embedding": np.asarray(sd._get_timestep_embedding(UNET_TIMESTEP, 2 * batch)),
+            "context": noise(2, (2 * batch, max_length, 768)),
+        }
+        latents = noise(spec["seed"], (batch, h, h, 4))
+
+        def t2i():
+            return sd.generate_image(
+                sd.encode_text(PROMPT),
+                batch_size=batch,
+                num_steps=spec["steps"],
+                unconditional_guidance_scale=spec["guidance"],
+                diffusion_noise=latents,
+            )
+
+        return {
+            "unet": lambda n: sd.diffusion_model.predict_on_batch(
+                {k: v[:n] for k, v in inputs.items()}
+            ),
+            "t2i": t2i,
+            "encode": lambda: (sd.encode_text(PROMPT), sd._get_unconditional_context()),
+            "decode": lambda: sd.decoder.predict_on_batch(latents),
+            "build_s": time.perf_counter() - start,
+        }
+
+    run_cases(spec, emit, monitor, setup, make_calls, "tensorflow")
+
+
+# ------------------------------------------------------------ shared weights
+def make_weights(spec, emit, monitor):
+    """Write seeded random SD weights as a diffusers folder (the one shared weight set).
+
+    diffusers/transformers' own default initialisations, seeded, at the configs in
+    the spec; the scheduler is DDIM with SD 1.5's noise schedule and the tokenizer
+    files come from keras-sd's bundled vocabulary (nothing is downloaded).
+    """
+    import tempfile
+
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    import keras_sd
+
+    torch.manual_seed(spec["seed"])
+    configs = spec["configs"]
+    vocab_dir = tempfile.mkdtemp()
+    vocab, merges = keras_sd.CLIPTokenizer().save_vocabulary(vocab_dir)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**configs["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        tokenizer=HFTokenizer(vocab, merges, model_max_length=configs["max_length"]),
+        unet=UNet2DConditionModel(**configs["unet"]),
+        scheduler=DDIMScheduler(**configs["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(spec["weights"], safe_serialization=True)
+    emit({"weights": spec["weights"], "seconds": time.perf_counter() - START})
+
+
+# ------------------------------------------------------------------ start-up
+def startup_keras_sd(spec, emit, monitor):
+    """Import, build and load a full keras-sd model from the diffusers folder."""
+    import keras_sd
+
+    t_import = time.perf_counter()
+    folder = spec["weights"]
+    if spec["how"] == "from_checkpoint":  # issue 4's loader, the path users take
+        how = "StableDiffusion.from_checkpoint(folder)"
+        keras_sd.StableDiffusion.from_checkpoint(folder)
+        t_build = t_load = time.perf_counter()
+    else:
+        how = "StableDiffusion(config from folder json) + load_components(safetensors)"
+        with keras_sd.backend.skip_initializers():
+            sd = keras_sd.StableDiffusion(config=keras_sd_config(folder))
+        t_build = time.perf_counter()
+        keras_sd.load_components(sd, **read_diffusers_weights(folder))
+        t_load = time.perf_counter()
+    emit(
+        {
+            "how": how,
+            "import_s": t_import - START,
+            "build_s": t_build - t_import,
+            "load_s": t_load - t_build,
+            "build_load_s": t_load - t_import,
+            "max_rss_gb": max_rss() / GIB,
+        }
+    )
+
+
+def startup_diffusers(spec, emit, monitor):
+    """Import diffusers and load a StableDiffusionPipeline from the same folder."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    t_import = time.perf_counter()
+    StableDiffusionPipeline.from_pretrained(
+        spec["weights"],
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    t_load = time.perf_counter()
+    emit(
+        {
+            "how": "StableDiffusionPipeline.from_pretrained(folder)",
+            "import_s": t_import - START,
+            "build_s": 0.0,
+            "load_s": t_load - t_import,
+            "build_load_s": t_load - t_import,
+            "max_rss_gb": max_rss() / GIB,
+        }
+    )
+
+
+RUNNERS = {
+    "keras-sd": run_keras_sd,
+    "diffusers": run_diffusers,
+    "keras-cv": run_keras_cv,
+    "weights": make_weights,
+    "startup-keras-sd": startup_keras_sd,
+    "startup-diffusers": startup_diffusers,
+}
+
+
+def main(spec_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    monitor = RSSMonitor()
+
+    def emit(row):
+        with open(spec["results"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    RUNNERS[spec["runtime"]](spec, emit, monitor)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
