@@ -154,6 +154,13 @@ def parse_args(argv=None):
         help="also time import/build/load vs diffusers and `keras-sd generate` "
         "to its first denoising step",
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        help="results.json of earlier runs (same settings): their rows join this "
+        "run's, best of each measurement kept, e.g. to rerun a noisy variant",
+    )
     p.add_argument("--weights-dir", default=None, help="shared weights folder (cached)")
     p.add_argument("--out-dir", default=None, help="logs, images, results.json, table.md")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per worker process")
@@ -437,6 +444,13 @@ def main(argv=None) -> int:
             rows += [{**r, "precision": variant["precision"]} for r in got]
             if error:
                 errors[variant["name"]] = error
+    for path in args.merge:
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                if row["steps"] != args.steps:
+                    raise SystemExit(f"--merge {path}: ran {row['steps']} steps, not {args.steps}")
+                loads = row["loadavg"] if isinstance(row["loadavg"], list) else [row["loadavg"]]
+                rows += [{**row, "loadavg": load} for load in loads[:1]]
     rows = best_of_rounds(rows)
     image_diffs(rows)
     startup = run_startup(args, folder, out_dir) if args.startup else None
