@@ -402,16 +402,14 @@ def time_cli(args, folder: str, out_dir: str) -> dict:
 
 def run_startup(args, folder: str, out_dir: str) -> dict:
     runs = [
-        ("keras-sd (tensorflow)", "startup-keras-sd", "tf", "manual"),
-        ("keras-sd (jax)", "startup-keras-sd", "jax", "manual"),
-        ("diffusers", "startup-diffusers", None, None),
+        ("keras-sd (tensorflow)", "startup-keras-sd", "tf"),
+        ("keras-sd (jax)", "startup-keras-sd", "jax"),
+        ("diffusers", "startup-diffusers", None),
     ]
-    if os.path.exists(os.path.join(SRC, "keras_sd", "weights", "checkpoint.py")):
-        runs.insert(1, ("keras-sd (tensorflow)", "startup-keras-sd", "tf", "from_checkpoint"))
     out = {}
-    for name, runtime, backend, how in runs:
-        tag = re.sub(r"\W+", "-", f"startup {name} {how or ''}").strip("-")
-        spec = {"name": tag, "runtime": runtime, "weights": folder, "how": how}
+    for name, runtime, backend in runs:
+        tag = re.sub(r"\W+", "-", f"startup {name}").strip("-")
+        spec = {"name": tag, "runtime": runtime, "weights": folder}
         rows, error = run_worker(spec, out_dir, args.timeout, backend=backend)
         out[tag] = {"runtime": name, **(rows[0] if rows else {"error": error})}
     out["cli"] = time_cli(args, folder, out_dir)

@@ -20,6 +20,8 @@ import statistics
 import sys
 import threading
 import time
+from functools import cache, partial
+from operator import itemgetter
 
 import numpy as np
 
@@ -104,20 +106,21 @@ def measure(spec, case, calls, monitor) -> dict:
     """Time one case's four blocking callables and return its result row.
 
     Args:
-        calls: {"unet": `unet(n)` one UNet call on the first n of 2B inputs, "t2i": text_to_image
-            returning uint8 images, "encode": the prompt and the negative prompt
-            encoded, "decode": the VAE decoder on B latents}.
+        calls: {"unet": `unet(n)` one UNet call on the first n of 2B inputs, "t2i":
+            text_to_image returning uint8 images, "encode": the prompt and the negative
+            prompt encoded, "decode": the VAE decoder on B latents}, each a named
+            function bound to the case's inputs with `partial`.
     """
     monitor.reset()
     steps, batch = spec["steps"], case["batch"]
-    unet = timed(lambda: calls["unet"](2 * batch), spec["repeats"])
+    unet = timed(partial(calls["unet"], 2 * batch), spec["repeats"])
     # Batch B too: the cost of guidance as two half-batch calls (KerasCV's loop) instead of one.
-    half = timed(lambda: calls["unet"](batch), spec["repeats"])
+    half = timed(partial(calls["unet"], batch), spec["repeats"])
     t2i = timed(calls["t2i"], spec["t2i_repeats"])
     encode = timed(calls["encode"], 3)
     decode = timed(calls["decode"], 2)
     # Best of the warm repeats: on a shared machine other processes only ever add time.
-    best = {name: min(runs[1], key=lambda run: run[0]) if runs[1] else None
+    best = {name: min(runs[1], key=itemgetter(0)) if runs[1] else None
             for name, runs in (("unet", unet), ("half", half), ("t2i", t2i),
                                ("encode", encode), ("decode", decode))}  # fmt: skip
     t2i_warm = best["t2i"][0] if best["t2i"] else t2i[0]
@@ -182,7 +185,12 @@ def gpu_memory(framework: str):
 
 
 def run_cases(spec, emit, monitor, setup: dict, make_calls, framework: str) -> None:
-    """Measure every case of the spec; `setup` times go on the first row only."""
+    """Measure every case of the spec; `setup` times go on the first row only.
+
+    Args:
+        make_calls: `make_calls(case)`, the runtime's `*_calls` function bound to its
+            model with `partial`, returning the dict `measure` times.
+    """
     gpu = gpu_memory(framework)
     for case in spec["cases"]:
         calls = make_calls(case)
@@ -198,107 +206,174 @@ def run_cases(spec, emit, monitor, setup: dict, make_calls, framework: str) -> N
 
 
 # ------------------------------------------------------------------ keras-sd
-def keras_sd_config(folder: str) -> dict:
-    """A keras-sd `config` dict read from a diffusers folder's json files."""
-    from keras_sd.models import clip_text, unet, vae
-    from keras_sd.schedulers import ddim
+# The timed calls below are module-level functions bound to one case's inputs with
+# `partial`; runtimes are imported inside them because each worker process imports
+# only its own runtime (Keras fixes its backend at import).
+def keras_sd_unet(unet_fn, state, x, t, ctx, n: int) -> np.ndarray:
+    """One stateless compiled UNet call on the first n inputs, blocking (numpy out)."""
+    from keras import ops
 
-    def read(sub, name="config.json"):
-        with open(os.path.join(folder, sub, name)) as f:
-            return json.load(f)
+    from keras_sd import backend
 
+    with backend.no_grad():
+        return ops.convert_to_numpy(unet_fn(state, x[:n], t[:n], ctx[:n]))
+
+
+def keras_sd_t2i(sd, latents, size: int, batch: int, steps: int, guidance: float):
+    """keras-sd's `text_to_image` from fixed initial latents; uint8 images."""
+    return sd.text_to_image(
+        PROMPT,
+        batch_size=batch,
+        num_steps=steps,
+        unconditional_guidance_scale=guidance,
+        diffusion_noise=latents,
+        width=size,
+        height=size,
+        progress=False,
+    )
+
+
+def keras_sd_encode(sd) -> list:
+    """The prompt and the negative prompt encoded, as numpy arrays."""
+    from keras import ops
+
+    return [ops.convert_to_numpy(sd.encode_text(p)) for p in (PROMPT, "")]
+
+
+def keras_sd_calls(sd, unet_fn, state, spec, case) -> dict:
+    """keras-sd's four timed callables on one case's inputs (see `measure`)."""
+    from keras import ops
+
+    size, batch, channels = case["size"], case["batch"], sd.latent_channels
+    h = size // sd.latent_factor
+    x = ops.convert_to_tensor(noise(1, (2 * batch, h, h, channels)))
+    t = ops.convert_to_tensor(np.full((2 * batch,), UNET_TIMESTEP, np.int32))
+    ctx_shape = (2 * batch, sd.tokenizer.max_length, sd.text_encoder.hidden_dim)
+    ctx = ops.convert_to_tensor(noise(2, ctx_shape))
+    latents = noise(spec["seed"], (batch, h, h, channels))
     return {
-        "tokenizer": {},
-        "text_encoder": clip_text.config_from_transformers(read("text_encoder")),
-        "unet": unet.config_from_diffusers(read("unet")),
-        "vae": vae.config_from_diffusers(read("vae")),
-        "scheduler": ddim.config_from_diffusers(read("scheduler", "scheduler_config.json")),
+        "unet": partial(keras_sd_unet, unet_fn, state, x, t, ctx),
+        "t2i": partial(keras_sd_t2i, sd, latents, size, batch, spec["steps"], spec["guidance"]),
+        "encode": partial(keras_sd_encode, sd),
+        "decode": partial(sd.decode_latents, latents),
     }
-
-
-def read_diffusers_weights(folder: str) -> dict:
-    """The three diffusers-layout state dicts of a folder, as numpy arrays."""
-    from safetensors.numpy import load_file
-
-    files = {
-        "unet": "unet/diffusion_pytorch_model.safetensors",
-        "vae": "vae/diffusion_pytorch_model.safetensors",
-        "text_encoder": "text_encoder/model.safetensors",
-    }
-    return {name: load_file(os.path.join(folder, path)) for name, path in files.items()}
 
 
 def run_keras_sd(spec, emit, monitor):
     import keras
 
+    # Before keras_sd is imported and the model built: the loader honours the policy.
     keras.mixed_precision.set_global_policy(spec["policy"])
-    from keras import ops
-
     import keras_sd
     from keras_sd import backend
 
     t0 = time.perf_counter()
     first = spec["cases"][0]["size"]
-    with backend.skip_initializers():  # the weights are loaded next
-        sd = keras_sd.StableDiffusion(
-            first, first, jit_compile=spec["jit"], config=keras_sd_config(spec["weights"])
-        )
-    t1 = time.perf_counter()
-    keras_sd.load_components(sd, **read_diffusers_weights(spec["weights"]))
-    setup = {"import_s": t0 - START, "build_s": t1 - t0, "load_s": time.perf_counter() - t1}
+    sd = keras_sd.StableDiffusion.from_checkpoint(
+        spec["weights"], img_width=first, img_height=first, jit_compile=spec["jit"]
+    )
+    # One call builds and loads (streamed, no random init): reported as load time,
+    # as for diffusers' from_pretrained.
+    setup = {"import_s": t0 - START, "build_s": 0.0, "load_s": time.perf_counter() - t0}
     unet_fn = backend.compile_function(backend.stateless(sd.diffusion_model), spec["jit"])
     state = backend.model_state(sd.diffusion_model)
-
-    def make_calls(case):
-        size, batch, channels = case["size"], case["batch"], sd.latent_channels
-        h = size // sd.latent_factor
-        x = ops.convert_to_tensor(noise(1, (2 * batch, h, h, channels)))
-        t = ops.convert_to_tensor(np.full((2 * batch,), UNET_TIMESTEP, np.int32))
-        ctx_shape = (2 * batch, sd.tokenizer.max_length, sd.text_encoder.hidden_dim)
-        ctx = ops.convert_to_tensor(noise(2, ctx_shape))
-        latents = noise(spec["seed"], (batch, h, h, channels))
-
-        def unet(n):
-            with backend.no_grad():
-                return ops.convert_to_numpy(unet_fn(state, x[:n], t[:n], ctx[:n]))
-
-        def t2i():
-            return sd.text_to_image(
-                PROMPT,
-                batch_size=batch,
-                num_steps=spec["steps"],
-                unconditional_guidance_scale=spec["guidance"],
-                diffusion_noise=latents,
-                width=size,
-                height=size,
-                progress=False,
-            )
-
-        def encode():
-            return [ops.convert_to_numpy(sd.encode_text(p)) for p in (PROMPT, "")]
-
-        return {
-            "unet": unet,
-            "t2i": t2i,
-            "encode": encode,
-            "decode": lambda: sd.decode_latents(latents),
-        }
-
+    make_calls = partial(keras_sd_calls, sd, unet_fn, state, spec)
     run_cases(spec, emit, monitor, setup, make_calls, keras.backend.backend())
 
 
 # ----------------------------------------------------------------- diffusers
+def to_torch(array: np.ndarray, device: str, dtype):
+    """Channels-last numpy to a channels-first torch tensor on `device`."""
+    import torch
+
+    if array.ndim == 4:
+        array = array.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype)
+
+
+def torch_sync(device: str) -> None:
+    """Wait for queued GPU work, so a timed call ends when its result exists."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def diffusers_unet(unet, x, t, ctx, n: int) -> np.ndarray:
+    """One UNet call on the first n inputs (numpy out, which synchronizes)."""
+    import torch
+
+    with torch.inference_mode():
+        out = unet(x[:n], t, encoder_hidden_states=ctx[:n]).sample
+        return out.float().cpu().numpy()
+
+
+def diffusers_t2i(pipe, latents, size, batch, steps, guidance, device, dtype) -> np.ndarray:
+    """The diffusers pipeline from fixed initial latents; uint8 images like keras-sd's."""
+    import torch
+
+    with torch.inference_mode():
+        out = pipe(
+            PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=batch,
+            latents=to_torch(latents, device, dtype),
+            output_type="np",
+        ).images
+        return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def diffusers_encode(pipe, device: str):
+    """The prompt and the negative prompt encoded (classifier-free guidance on)."""
+    import torch
+
+    with torch.inference_mode():
+        embeds = pipe.encode_prompt(PROMPT, device, 1, True)
+        torch_sync(device)
+        return embeds
+
+
+def diffusers_decode(vae, latents, device: str, dtype):
+    """The VAE decoder on B latents (after the VAE scaling factor)."""
+    import torch
+
+    with torch.inference_mode():
+        out = vae.decode(to_torch(latents, device, dtype) / vae.config.scaling_factor).sample
+        torch_sync(device)
+        return out
+
+
+def diffusers_calls(pipe, device: str, dtype, spec, case) -> dict:
+    """diffusers' four timed callables on one case's inputs (see `measure`)."""
+    import torch
+
+    unet = pipe.unet
+    size, batch, channels = case["size"], case["batch"], unet.config.in_channels
+    h = size // pipe.vae_scale_factor
+    width = pipe.text_encoder.config.hidden_size
+    x = to_torch(noise(1, (2 * batch, h, h, channels)), device, dtype)
+    ctx_shape = (2 * batch, pipe.tokenizer.model_max_length, width)
+    ctx = to_torch(noise(2, ctx_shape), device, dtype)
+    t = torch.tensor(UNET_TIMESTEP, device=device)
+    latents = noise(spec["seed"], (batch, h, h, channels))
+    t2i_args = (size, batch, spec["steps"], spec["guidance"], device, dtype)
+    return {
+        "unet": partial(diffusers_unet, unet, x, t, ctx),
+        "t2i": partial(diffusers_t2i, pipe, latents, *t2i_args),
+        "encode": partial(diffusers_encode, pipe, device),
+        "decode": partial(diffusers_decode, pipe.vae, latents, device, dtype),
+    }
+
+
 def run_diffusers(spec, emit, monitor):
     import torch
     from diffusers import StableDiffusionPipeline
 
     dtype = getattr(torch, spec["dtype"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
         spec["weights"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
@@ -308,59 +383,76 @@ def run_diffusers(spec, emit, monitor):
         pipe.unet = torch.compile(pipe.unet)
     # diffusers builds and loads in one call; it is reported as load time.
     setup = {"import_s": t0 - START, "build_s": 0.0, "load_s": time.perf_counter() - t0}
-    unet, vae = pipe.unet, pipe.vae
-    width = pipe.text_encoder.config.hidden_size
-
-    def tensor(array):  # channels-last numpy -> channels-first torch
-        if array.ndim == 4:
-            array = array.transpose(0, 3, 1, 2)
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype)
-
-    def make_calls(case):
-        size, batch, channels = case["size"], case["batch"], unet.config.in_channels
-        h = size // pipe.vae_scale_factor
-        x = tensor(noise(1, (2 * batch, h, h, channels)))
-        ctx = tensor(noise(2, (2 * batch, pipe.tokenizer.model_max_length, width)))
-        t = torch.tensor(UNET_TIMESTEP, device=device)
-        latents = noise(spec["seed"], (batch, h, h, channels))
-
-        @torch.inference_mode()
-        def unet_call(n):
-            out = unet(x[:n], t, encoder_hidden_states=ctx[:n]).sample
-            return out.float().cpu().numpy()
-
-        @torch.inference_mode()
-        def t2i():
-            out = pipe(
-                PROMPT,
-                height=size,
-                width=size,
-                num_inference_steps=spec["steps"],
-                guidance_scale=spec["guidance"],
-                num_images_per_prompt=batch,
-                latents=tensor(latents),
-                output_type="np",
-            ).images
-            return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-        @torch.inference_mode()
-        def encode():
-            embeds = pipe.encode_prompt(PROMPT, device, 1, True)
-            sync()
-            return embeds
-
-        @torch.inference_mode()
-        def decode():
-            out = vae.decode(tensor(latents) / vae.config.scaling_factor).sample
-            sync()
-            return out
-
-        return {"unet": unet_call, "t2i": t2i, "encode": encode, "decode": decode}
-
+    make_calls = partial(diffusers_calls, pipe, device, dtype, spec)
     run_cases(spec, emit, monitor, setup, make_calls, "torch")
 
 
 # ------------------------------------------------------------------ KerasCV
+def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit):
+    """A KerasCV StableDiffusion for one image size around the shared text encoder."""
+    from keras_cv.models import StableDiffusion
+    from keras_cv.src.models.stable_diffusion.decoder import Decoder
+    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
+
+    sd = StableDiffusion(img_width=size, img_height=size, jit_compile=jit)
+    if (sd.img_width, sd.img_height) != (size, size):
+        raise ValueError(f"KerasCV needs sizes that are multiples of 128; got {size}")
+    sd._tokenizer, sd._text_encoder = tokenizer, text_encoder
+    sd._diffusion_model = DiffusionModel(size, size, max_length, download_weights=False)
+    sd._decoder = Decoder(size, size, download_weights=False)
+    if jit:
+        sd._diffusion_model.compile(jit_compile=True)
+        sd._decoder.compile(jit_compile=True)
+    return sd
+
+
+def keras_cv_unet(model, inputs: dict, n: int):
+    """One UNet call on the first n of each input."""
+    return model.predict_on_batch({k: v[:n] for k, v in inputs.items()})
+
+
+def keras_cv_t2i(sd, latents, batch: int, steps: int, guidance: float):
+    """KerasCV's generation from fixed initial latents, prompt encoding included."""
+    return sd.generate_image(
+        sd.encode_text(PROMPT),
+        batch_size=batch,
+        num_steps=steps,
+        unconditional_guidance_scale=guidance,
+        diffusion_noise=latents,
+    )
+
+
+def keras_cv_encode(sd):
+    """The prompt and KerasCV's (cached) unconditional context."""
+    return sd.encode_text(PROMPT), sd._get_unconditional_context()
+
+
+def keras_cv_calls(build, max_length: int, spec, case) -> dict:
+    """KerasCV's four timed callables on one case's inputs, plus its build seconds.
+
+    Args:
+        build: `build(size)`, a cached `keras_cv_build` (one model per image size).
+    """
+    size, batch = case["size"], case["batch"]
+    start = time.perf_counter()
+    sd = build(size)
+    build_s = time.perf_counter() - start
+    h = size // 8  # KerasCV hard-codes the VAE factor
+    inputs = {
+        "latent": noise(1, (2 * batch, h, h, 4)),
+        "timestep_embedding": np.asarray(sd._get_timestep_embedding(UNET_TIMESTEP, 2 * batch)),
+        "context": noise(2, (2 * batch, max_length, 768)),
+    }
+    latents = noise(spec["seed"], (batch, h, h, 4))
+    return {
+        "unet": partial(keras_cv_unet, sd.diffusion_model, inputs),
+        "t2i": partial(keras_cv_t2i, sd, latents, batch, spec["steps"], spec["guidance"]),
+        "encode": partial(keras_cv_encode, sd),
+        "decode": partial(sd.decoder.predict_on_batch, latents),
+        "build_s": build_s,
+    }
+
+
 def run_keras_cv(spec, emit, monitor):
     """KerasCV's own StableDiffusion with random weights (it has no diffusers reader).
 
@@ -374,11 +466,8 @@ def run_keras_cv(spec, emit, monitor):
     keras.utils.set_random_seed(spec["seed"])
     import importlib.resources
 
-    from keras_cv.models import StableDiffusion
     from keras_cv.src.models.stable_diffusion.clip_tokenizer import SimpleTokenizer
     from keras_cv.src.models.stable_diffusion.constants import _UNCONDITIONAL_TOKENS
-    from keras_cv.src.models.stable_diffusion.decoder import Decoder
-    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
     from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
 
     max_length = len(_UNCONDITIONAL_TOKENS)
@@ -391,53 +480,16 @@ def run_keras_cv(spec, emit, monitor):
     if jit:
         text_encoder.compile(jit_compile=True)
     setup["build_s"] = time.perf_counter() - t0
-    models = {}
-
-    def build(size):
-        sd = StableDiffusion(img_width=size, img_height=size, jit_compile=jit)
-        if (sd.img_width, sd.img_height) != (size, size):
-            raise ValueError(f"KerasCV needs sizes that are multiples of 128; got {size}")
-        sd._tokenizer, sd._text_encoder = tokenizer, text_encoder
-        sd._diffusion_model = DiffusionModel(size, size, max_length, download_weights=False)
-        sd._decoder = Decoder(size, size, download_weights=False)
-        if jit:
-            sd._diffusion_model.compile(jit_compile=True)
-            sd._decoder.compile(jit_compile=True)
-        return sd
-
-    def make_calls(case):
-        size, batch = case["size"], case["batch"]
-        start = time.perf_counter()
-        if size not in models:
-            models[size] = build(size)
-        sd = models[size]
-        h = size // 8  # KerasCV hard-codes the VAE factor
-        inputs = {
-            "latent": noise(1, (2 * batch, h, h, 4)),
-            "timestep_embedding": np.asarray(sd._get_timestep_embedding(UNET_TIMESTEP, 2 * batch)),
-            "context": noise(2, (2 * batch, max_length, 768)),
-        }
-        latents = noise(spec["seed"], (batch, h, h, 4))
-
-        def t2i():
-            return sd.generate_image(
-                sd.encode_text(PROMPT),
-                batch_size=batch,
-                num_steps=spec["steps"],
-                unconditional_guidance_scale=spec["guidance"],
-                diffusion_noise=latents,
-            )
-
-        return {
-            "unet": lambda n: sd.diffusion_model.predict_on_batch(
-                {k: v[:n] for k, v in inputs.items()}
-            ),
-            "t2i": t2i,
-            "encode": lambda: (sd.encode_text(PROMPT), sd._get_unconditional_context()),
-            "decode": lambda: sd.decoder.predict_on_batch(latents),
-            "build_s": time.perf_counter() - start,
-        }
-
+    build = cache(
+        partial(
+            keras_cv_build,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            max_length=max_length,
+            jit=jit,
+        )
+    )
+    make_calls = partial(keras_cv_calls, build, max_length, spec)
     run_cases(spec, emit, monitor, setup, make_calls, "tensorflow")
 
 
@@ -483,28 +535,18 @@ def make_weights(spec, emit, monitor):
 
 # ------------------------------------------------------------------ start-up
 def startup_keras_sd(spec, emit, monitor):
-    """Import, build and load a full keras-sd model from the diffusers folder."""
+    """Import keras-sd and load a full model from the diffusers folder (one call)."""
     import keras_sd
 
     t_import = time.perf_counter()
-    folder = spec["weights"]
-    if spec["how"] == "from_checkpoint":  # issue 4's loader, the path users take
-        how = "StableDiffusion.from_checkpoint(folder)"
-        keras_sd.StableDiffusion.from_checkpoint(folder)
-        t_build = t_load = time.perf_counter()
-    else:
-        how = "StableDiffusion(config from folder json) + load_components(safetensors)"
-        with keras_sd.backend.skip_initializers():
-            sd = keras_sd.StableDiffusion(config=keras_sd_config(folder))
-        t_build = time.perf_counter()
-        keras_sd.load_components(sd, **read_diffusers_weights(folder))
-        t_load = time.perf_counter()
+    keras_sd.StableDiffusion.from_checkpoint(spec["weights"])
+    t_load = time.perf_counter()
     emit(
         {
-            "how": how,
+            "how": "StableDiffusion.from_checkpoint(folder)",
             "import_s": t_import - START,
-            "build_s": t_build - t_import,
-            "load_s": t_load - t_build,
+            "build_s": 0.0,
+            "load_s": t_load - t_import,
             "build_load_s": t_load - t_import,
             "max_rss_gb": max_rss() / GIB,
         }
@@ -546,16 +588,16 @@ RUNNERS = {
 }
 
 
+def append_row(path: str, row: dict) -> None:
+    """Append one result row to a JSON-lines file."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    monitor = RSSMonitor()
-
-    def emit(row):
-        with open(spec["results"], "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    RUNNERS[spec["runtime"]](spec, emit, monitor)
+    RUNNERS[spec["runtime"]](spec, partial(append_row, spec["results"]), RSSMonitor())
 
 
 if __name__ == "__main__":
