@@ -68,3 +68,70 @@ def test_save_image_is_atomic(tmp_path):
         cli.save_image(np.zeros((2, 2, 7), np.uint8), str(target))  # PIL cannot write 7 channels
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight tiny model saved as a CompVis single file; (path, model)."""
+    from keras_sd import StableDiffusion
+    from keras_sd.weights.checkpoint import save_checkpoint
+
+    sd = StableDiffusion(64, 64, config="tiny", jit_compile=False)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(sd, path)
+    return path, sd
+
+
+def _weights(sd) -> dict:
+    from keras_sd.weights.state_dict import named_variables
+
+    return {
+        f"{attr}.{name}": np.asarray(var.numpy())
+        for attr in ("text_encoder", "diffusion_model", "decoder", "image_encoder")
+        for name, var in named_variables(getattr(sd, attr)).items()
+    }
+
+
+@pytest.mark.parametrize("dst, dtype", [("folder", None), ("copy.safetensors", "float16")])
+def test_convert_round_trip(capsys, tmp_path, tiny_checkpoint, dst, dtype):
+    from keras_sd import StableDiffusion
+
+    src, sd = tiny_checkpoint
+    argv = ["convert", str(src), str(tmp_path / dst), "--config", "tiny"]
+    status, out, err = run_cli(capsys, *argv, *(["--dtype", dtype] if dtype else []))
+    assert status == 0, err
+    assert f"wrote {tmp_path / dst}" in out
+    loaded = StableDiffusion.from_checkpoint(tmp_path / dst, config="tiny", jit_compile=False)
+    expected, got = _weights(sd), _weights(loaded)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        if dtype == "float16":  # the file holds float16: equal after the same rounding
+            value = value.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_convert_refuses_to_overwrite(capsys, tmp_path, tiny_checkpoint):
+    src, _ = tiny_checkpoint
+    target = tmp_path / "taken.safetensors"
+    target.write_bytes(b"user data")
+    status, _, err = run_cli(capsys, "convert", str(src), str(target), "--config", "tiny")
+    assert status == 2 and "--overwrite" in err and "Traceback" not in err
+    assert target.read_bytes() == b"user data"
+    status, _, err = run_cli(capsys, "convert", str(src), str(src), "--overwrite")
+    assert status == 2 and "is SRC itself" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["/no/such.ckpt", "out.safetensors"], "SRC '/no/such.ckpt' does not exist"),
+        (["SRC", "/no/such/folder/out.safetensors"], "folder of DST"),
+        (["SRC", "out.safetensors", "--layout", "onnx"], "invalid choice: 'onnx'"),
+    ],
+)
+def test_convert_bad_arguments(capsys, tmp_path, tiny_checkpoint, argv, needle):
+    argv = [str(tiny_checkpoint[0]) if a == "SRC" else a for a in argv]
+    argv = [str(tmp_path / a) if a == "out.safetensors" else a for a in argv]
+    status, _, err = run_cli(capsys, "convert", *argv)
+    assert status == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.safetensors").exists()

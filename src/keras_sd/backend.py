@@ -134,36 +134,6 @@ def step_callback(fn, step, after) -> None:
         fn(int(step))
 
 
-@contextlib.contextmanager
-def skip_initializers():
-    """Create variables filled with zeros instead of running their initializers.
-
-    For models whose weights are loaded right after construction: drawing
-    random values for the 1.07 billion weights of SD 1.5 takes longer than
-    reading them from disk. Only variables created inside the block are affected.
-
-    Example:
-    >>> from keras_sd.models.unet import TINY_CONFIG, UNet
-    >>> with skip_initializers():
-    ...     unet = UNet(**TINY_CONFIG)
-    >>> float(keras.ops.max(keras.ops.abs(unet.trainable_variables[0])))
-    0.0
-    """
-    from keras.src.layers.layer import Layer
-
-    original = Layer.add_weight
-
-    def add_zeros_weight(self, *args, **kwargs):
-        kwargs["initializer"] = "zeros"
-        return original(self, *args, **kwargs)
-
-    Layer.add_weight = add_zeros_weight
-    try:
-        yield
-    finally:
-        Layer.add_weight = original
-
-
 def no_grad():
     """Context that disables gradient tracking where the backend tracks it eagerly."""
     if keras.backend.backend() == "torch":

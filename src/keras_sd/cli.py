@@ -1,6 +1,7 @@
 """The `keras-sd` command line.
 
     keras-sd generate "a red circle on a blue background" -o circle.png
+    keras-sd convert v1-5-pruned-emaonly.ckpt sd15.safetensors --dtype float16
 
 With neither `--preset` nor `--checkpoint` it uses the bundled `tiny-shapes`
 model, so it works offline on a fresh machine. Errors in the arguments end the
@@ -19,6 +20,7 @@ import numpy as np
 
 DEFAULT_PRESET = "tiny-shapes"
 SCHEDULERS = ("ddim",)
+LAYOUTS = ("compvis", "diffusers")
 
 
 class UsageError(ValueError):
@@ -55,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", default=None, help=f"named model (default {DEFAULT_PRESET})")
     source.add_argument("--checkpoint", default=None, help="checkpoint file or diffusers folder")
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+
+    conv = commands.add_parser(
+        "convert",
+        help="convert a checkpoint to safetensors",
+        description="Read any checkpoint keras-sd loads (CompVis .safetensors/.ckpt, diffusers "
+        "folder, KerasCV .h5) and write it as a CompVis single .safetensors file or a "
+        "diffusers folder. Pickled .ckpt files are read without running their code.",
+    )
+    conv.add_argument("src", help="checkpoint file, diffusers folder or KerasCV .h5 file")
+    conv.add_argument("dst", help="a .safetensors file (CompVis layout) or a folder (diffusers)")
+    conv.add_argument("--layout", choices=LAYOUTS, default=None, help="default: from DST")
+    conv.add_argument("--dtype", choices=("float32", "float16"), default=None)
+    conv.add_argument("--config", default=None, help="model config name (default: detected)")
+    conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
+    conv.add_argument("--use-ema", action="store_true", help="take the EMA weights if present")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     return parser
 
 
@@ -145,7 +163,32 @@ def generate(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": generate}
+def convert(args) -> int:
+    from keras_sd.weights.checkpoint import convert as convert_checkpoint
+
+    if not os.path.exists(args.src):
+        raise UsageError(f"SRC {args.src!r} does not exist")
+    dst = os.path.abspath(args.dst)
+    if os.path.exists(dst) and os.path.samefile(args.src, dst):
+        raise UsageError(f"DST {args.dst!r} is SRC itself; write the conversion elsewhere")
+    if os.path.exists(dst) and not args.overwrite:
+        raise UsageError(f"DST {args.dst!r} exists; pass --overwrite to replace it")
+    if not os.path.isdir(os.path.dirname(dst)):
+        raise UsageError(f"the folder of DST {args.dst!r} does not exist")
+    convert_checkpoint(
+        args.src,
+        args.dst,
+        layout=args.layout,
+        dtype=args.dtype,
+        config=args.config,
+        prediction_type=args.prediction_type,
+        use_ema=args.use_ema,
+    )
+    print(f"wrote {args.dst}")
+    return 0
+
+
+COMMANDS = {"generate": generate, "convert": convert}
 
 
 def main(argv=None) -> int:

@@ -130,3 +130,40 @@ def test_config_round_trip_and_validation():
         make_trainer(unconditional_token_ids=None)
     with pytest.raises(ValueError, match="condition_dropout"):
         make_trainer(condition_dropout=1.5)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        make_trainer(snr_gamma=0.0)
+    weighted = make_trainer(snr_gamma=5.0)
+    assert DiffusionTrainer.from_config(weighted.get_config()).snr_gamma == 5.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers(prediction_type):
+    """Min-SNR-gamma weights vs diffusers' compute_snr on its own DDPMScheduler tables."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.training_utils import compute_snr
+
+    reference = diffusers.DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    timesteps = np.array([0, 1, 10, 150, 400, 700, 999], np.int32)
+    snr = compute_snr(reference, torch.from_numpy(timesteps).long()).double().numpy()
+    clipped = np.minimum(snr, 5.0)
+    expected = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    trainer = make_trainer(prediction_type, snr_gamma=5.0)
+    got = keras.ops.convert_to_numpy(trainer.loss_weights(timesteps))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert got[0] < 0.01 and got[-1] == pytest.approx(
+        1.0 if prediction_type == "epsilon" else snr[-1] / (snr[-1] + 1), rel=1e-5
+    )
+
+    # The weighted loss is the weighted mean of per-example mean squared errors.
+    rng = np.random.default_rng(3)
+    prediction = rng.standard_normal((7, 4, 4, 2)).astype("float32")
+    target = rng.standard_normal((7, 4, 4, 2)).astype("float32")
+    per_example = np.mean((prediction - target) ** 2, axis=(1, 2, 3))
+    loss = trainer.diffusion_loss(prediction, target, got)
+    assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(
+        np.mean(per_example * expected), rel=1e-5
+    )
+    assert "loss_weight" in trainer(batch(), training=True)

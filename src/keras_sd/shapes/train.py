@@ -170,6 +170,7 @@ def train_unet(sd, args) -> dict:
         unconditional_token_ids=sd.tokenizer("")[0],
         condition_dropout=0.1,
         seed=args.seed,
+        snr_gamma=args.snr_gamma,
     )
     trainer.compile(
         optimizer=keras.optimizers.AdamW(
@@ -251,6 +252,9 @@ def parse_args(argv=None):
     p.add_argument("--unet-epochs", type=int, default=15)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weights (e.g. 5)"
+    )
     p.add_argument("--decoder-epochs", type=int, default=0)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument(
@@ -258,6 +262,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--eval-images", type=int, default=4)
     p.add_argument("--eval-steps", type=int, default=50)
+    p.add_argument(
+        "--eval-guidance",
+        type=float,
+        nargs="*",
+        default=[7.5, 1.0],
+        help="guidance scales to evaluate (none: skip the evaluation)",
+    )
     p.add_argument("--no-jit", dest="jit_compile", action="store_false")
     return p.parse_args(argv)
 
@@ -281,7 +292,7 @@ def main(argv=None) -> dict:
     print(f"trained in {report['train_seconds']:.0f} s; saved {args.out}", flush=True)
 
     splits = {"train": dataset.train_combinations(), "held_out": list(dataset.HELD_OUT)}
-    for guidance in (7.5, 1.0):
+    for guidance in args.eval_guidance:
         for split, combos in splits.items():
             value, images = evaluate(
                 sd, combos, guidance, args.eval_images, args.eval_steps, args.seed + 100

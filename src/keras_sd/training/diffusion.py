@@ -6,7 +6,10 @@ in the latent space of Rombach et al. 2022): encode the image with the frozen VA
 latents with `scheduler.add_noise`, predict with the UNet from the text context and regress
 `scheduler.training_target` (epsilon or v) with an MSE. A share `condition_dropout` of the
 prompts is replaced by the empty prompt, so the same model also learns the unconditional
-prediction that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2).
+prediction that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2). With
+`snr_gamma` each example's error is weighted by min(SNR(t), gamma) / SNR(t) (epsilon
+targets; / (SNR(t) + 1) for v targets): the Min-SNR-gamma weighting of Hang et al. 2023,
+the `--snr_gamma` of diffusers' training scripts, which converges several times faster.
 
 The trainer overrides `call` and `compute_loss` only, never `train_step`, so the built-in
 `fit()` of every Keras backend (TensorFlow, JAX, PyTorch) trains it.
@@ -39,6 +42,8 @@ class DiffusionTrainer(keras.Model):
         latent_scaling_factor: multiplies encoder samples (default: the VAE's own
             `scaling_factor`); ignored for "latents" inputs, which are already scaled.
         seed: seed of the noise, timesteps, posterior samples and dropout draws.
+        snr_gamma: None for the plain MSE, or gamma > 0 of the Min-SNR-gamma loss weights
+            (5.0 is the usual choice).
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Returns (call):
@@ -66,9 +71,13 @@ class DiffusionTrainer(keras.Model):
         condition_dropout: float = 0.1,
         latent_scaling_factor: float | None = None,
         seed: int | None = None,
+        snr_gamma: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if snr_gamma is not None and not float(snr_gamma) > 0:
+            raise ValueError(f"snr_gamma must be None or > 0; received {snr_gamma!r}.")
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         if not 0.0 <= condition_dropout <= 1.0:
             raise ValueError(
                 f"condition_dropout must be in [0, 1]; received {condition_dropout!r}."
@@ -161,15 +170,42 @@ class DiffusionTrainer(keras.Model):
         if training:
             token_ids = self.drop_condition(token_ids)
         prediction, target = self.predict_and_target(latents, token_ids, noise, timesteps, training)
-        return {"prediction": prediction, "target": target}
+        outputs = {"prediction": prediction, "target": target}
+        if self.snr_gamma is not None:
+            outputs["loss_weight"] = self.loss_weights(timesteps)
+        return outputs
+
+    def loss_weights(self, timesteps):
+        """Min-SNR-gamma weights [B] of int `timesteps` [B] (requires `snr_gamma`).
+
+        SNR(t) = alpha_bar_t / (1 - alpha_bar_t); the weight is min(SNR, gamma) / SNR for
+        epsilon targets and min(SNR, gamma) / (SNR + 1) for v targets.
+        """
+        if self.snr_gamma is None:
+            raise ValueError("loss_weights needs snr_gamma; this trainer has snr_gamma=None.")
+        table = np.asarray(self.scheduler.alphas_cumprod, np.float64)
+        snr = table / (1.0 - table)
+        clipped = np.minimum(snr, self.snr_gamma)
+        if self.scheduler.prediction_type == "v_prediction":
+            weights = clipped / (snr + 1.0)
+        else:
+            weights = clipped / snr
+        return ops.take(ops.convert_to_tensor(weights.astype(np.float32)), timesteps)
 
     @staticmethod
-    def diffusion_loss(prediction, target):
-        """Mean squared error in float32 (the "simple" loss of Ho et al. 2020, eq. 14)."""
-        return ops.mean(ops.square(ops.cast(prediction, "float32") - ops.cast(target, "float32")))
+    def diffusion_loss(prediction, target, weights=None):
+        """Mean squared error in float32 (the "simple" loss of Ho et al. 2020, eq. 14),
+        each example's mean error times its weight when `weights` [B] are given."""
+        error = ops.square(ops.cast(prediction, "float32") - ops.cast(target, "float32"))
+        if weights is None:
+            return ops.mean(error)
+        per_example = ops.mean(ops.reshape(error, (ops.shape(error)[0], -1)), axis=1)
+        return ops.mean(per_example * ops.cast(weights, "float32"))
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = self.diffusion_loss(y_pred["prediction"], y_pred["target"])
+        loss = self.diffusion_loss(
+            y_pred["prediction"], y_pred["target"], y_pred.get("loss_weight")
+        )
         if self.losses:
             loss = loss + ops.sum(self.losses)
         return loss
@@ -188,6 +224,7 @@ class DiffusionTrainer(keras.Model):
             "condition_dropout": self.condition_dropout,
             "latent_scaling_factor": self.latent_scaling_factor,
             "seed": self.seed,
+            "snr_gamma": self.snr_gamma,
         }
 
     @classmethod

@@ -24,7 +24,7 @@ import numpy as np
 from keras_sd import presets
 from keras_sd.models import clip_text
 from keras_sd.weights import streaming
-from keras_sd.weights.state_dict import CheckpointError, named_variables
+from keras_sd.weights.state_dict import CheckpointError, named_variables, stand_in
 
 COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
 # KerasCV hard-codes these image/text sizes into its models; any works for building.
@@ -165,9 +165,7 @@ def match_keras_cv(component: str, model, arrays: list, source: str) -> list:
     pairs = []
     for position, (name, array) in enumerate(zip(order, arrays, strict=True)):
         variable = variables[name]
-        if tuple(_fit(streaming.stand_in(array.shape, array.dtype), variable).shape) != tuple(
-            variable.shape
-        ):
+        if tuple(_fit(stand_in(array.shape, array.dtype), variable).shape) != tuple(variable.shape):
             raise CheckpointError(
                 f"{source}: KerasCV {component} weight #{position} has shape "
                 f"{tuple(array.shape)} where {name} needs {tuple(variable.shape)}."

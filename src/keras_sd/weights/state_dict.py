@@ -102,10 +102,69 @@ def _is_dense(variable) -> bool:
     return variable.path.endswith("kernel")
 
 
-def _summarize(title: str, items: list[str], limit: int = 8) -> str:
+def summarize(title: str, items: list[str], limit: int = 8) -> str:
+    """ "N title: a, b, ... (+M more)": the first `limit` items of a list of problems."""
     shown = ", ".join(items[:limit])
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return f"{len(items)} {title}: {shown}{more}"
+
+
+def stand_in(shape, dtype) -> np.ndarray:
+    """A read-only array of `shape` that uses no memory (all elements alias one zero)."""
+    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def keras_shape(tensor, variable) -> tuple:
+    """The shape `tensor` (PyTorch layout) takes in `variable`'s layout, without reading it."""
+    return tuple(torch_to_keras(stand_in(tensor.shape, tensor.dtype), variable).shape)
+
+
+def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):
+    """Pair the variables of `model` with the entries of a PyTorch-layout state dict.
+
+    Only names and shapes are compared; no value is read, so lazy tensors stay lazy.
+
+    Args:
+        model: a built keras-sd model.
+        state_dict: `{name: array-like}`; anything with `shape` and `dtype`.
+        prefix: keys without it are ignored, and it is stripped from the others.
+        ignore: key suffixes that are not weights (buffers such as `position_ids`).
+
+    Returns:
+        `(pairs, problems)`: `[(variable, tensor)]` for every variable whose entry fits,
+        and one summary string each for missing keys, unexpected keys and shape
+        mismatches (only the kinds that occur; keys are given with their prefix).
+
+    Example:
+    >>> from keras_sd.models.clip_text import TINY_CONFIG, CLIPTextEncoder
+    >>> pairs, problems = match_state_dict(CLIPTextEncoder(**TINY_CONFIG), {"x.weight": np.ones(2)})
+    >>> len(pairs), problems[1]
+    (0, '1 unexpected keys: x.weight')
+    """
+    targets = named_variables(model)
+    found = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    found = {k: v for k, v in found.items() if not k.endswith(tuple(ignore))}
+    missing = [prefix + k for k in sorted(set(targets) - set(found))]
+    unexpected = [prefix + k for k in sorted(set(found) - set(targets))]
+    pairs, mismatched = [], []
+    for name in sorted(set(targets) & set(found)):
+        variable, tensor = targets[name], found[name]
+        if keras_shape(tensor, variable) != tuple(variable.shape):
+            mismatched.append(
+                f"{prefix}{name} (file {tuple(tensor.shape)}, model {tuple(variable.shape)})"
+            )
+            continue
+        pairs.append((variable, tensor))
+    problems = [
+        summarize(what, keys)
+        for what, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
+    return pairs, problems
 
 
 def load_state_dict(
@@ -128,35 +187,18 @@ def load_state_dict(
     Example:
     >>> load_state_dict(unet, torch_unet.state_dict())  # doctest: +SKIP
     """
-    targets = named_variables(model)
-    source = {}
-    for key, value in state_dict.items():
-        if not key.startswith(prefix) or any(key.endswith(s) for s in ignore):
-            continue
-        source[key[len(prefix) :]] = value
-    missing = sorted(set(targets) - set(source))
-    unexpected = sorted(set(source) - set(targets))
-    converted, mismatched = {}, []
-    for name in sorted(set(targets) & set(source)):
-        var = targets[name]
-        value = torch_to_keras(np.asarray(source[name]), var)
-        if tuple(value.shape) != tuple(var.shape):
-            mismatched.append(
-                f"{name} (checkpoint {tuple(np.shape(source[name]))}, model {tuple(var.shape)})"
-            )
-            continue
-        converted[name] = value
-    if strict and (missing or unexpected or mismatched):
-        parts = [f"Checkpoint does not match {type(model).__name__} {model.name!r}."]
-        if missing:
-            parts.append(_summarize("missing keys", [prefix + k for k in missing]))
-        if unexpected:
-            parts.append(_summarize("unexpected keys", [prefix + k for k in unexpected]))
-        if mismatched:
-            parts.append(_summarize("shape mismatches", [prefix + k for k in mismatched]))
-        raise CheckpointError(" ".join(parts))
-    for name, value in converted.items():
-        targets[name].assign(value)
+    state_dict = {
+        k: v if hasattr(v, "shape") and hasattr(v, "dtype") else np.asarray(v)
+        for k, v in state_dict.items()
+    }
+    pairs, problems = match_state_dict(model, state_dict, prefix, ignore)
+    if strict and problems:
+        raise CheckpointError(
+            f"Checkpoint does not match {type(model).__name__} {model.name!r}. "
+            + " ".join(problems)
+        )
+    for variable, tensor in pairs:
+        variable.assign(torch_to_keras(np.asarray(tensor), variable))
 
 
 def export_state_dict(model, prefix: str = "") -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Stream weights between files and models, one tensor in memory at a time.
+"""Stream weights between files and models, a few tensors in memory at a time.
 
 Files: `read_safetensors` parses the header only and returns `LazyTensor`s whose
 shape and dtype are known at once and whose values are read (with plain file
@@ -11,19 +11,24 @@ then the raw little-endian bytes (https://github.com/huggingface/safetensors).
 
 Models: `build_models_deferred` creates the SD models with variables that have no
 values yet (Keras defers initialization inside a `StatelessScope`), and
-`initialize_deferred` gives each variable its value straight from the file. A
-full-size model then costs one read per tensor instead of a random initialization
-plus a copy (seconds instead of ~15 s on CPU), and peak memory stays near the
-model's own size instead of twice that.
+`initialize_deferred` gives each variable its value straight from the file, reading
+and converting in worker threads a few tensors ahead. A full-size model then costs one
+read and one layout conversion per tensor instead of a random initialization plus a
+copy (seconds instead of ~15 s on CPU), and peak memory stays near the model's own size
+instead of twice that. Tensors are read into 64-byte aligned buffers, which TensorFlow
+adopts without another copy.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -36,8 +41,9 @@ from keras_sd.weights.safe_pickle import _bfloat16_to_float32
 from keras_sd.weights.state_dict import (
     CheckpointError,
     keras_to_torch,
+    match_state_dict,
     named_variables,
-    torch_to_keras,
+    stand_in,
 )
 
 # StableDiffusion attribute -> model class and its config key.
@@ -108,22 +114,6 @@ class LazyTensor:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
 
 
-def stand_in(shape, dtype) -> np.ndarray:
-    """A read-only array of `shape` that uses no memory (all elements alias one zero)."""
-    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
-
-
-def keras_shape(tensor, variable) -> tuple:
-    """The shape `tensor` (PyTorch layout) takes in `variable`'s layout, without reading it."""
-    return tuple(torch_to_keras(stand_in(tensor.shape, tensor.dtype), variable).shape)
-
-
-def summarize(title: str, items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return f"{len(items)} {title}: {shown}{more}"
-
-
 def _unreadable(path, reason: str) -> ValueError:
     return ValueError(
         f"cannot read {path} as a safetensors file: {reason}. The file may be truncated "
@@ -131,15 +121,34 @@ def _unreadable(path, reason: str) -> ValueError:
     )
 
 
+def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data start on an `alignment`-byte boundary.
+
+    TensorFlow wraps a numpy array without copying only when its data are 64-byte aligned
+    (Eigen's alignment); numpy itself guarantees 16 bytes.
+
+    Example:
+    >>> aligned_empty((3, 5), "float32").ctypes.data % 64
+    0
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _reader(path: str, offset: int, dtype: str, shape: tuple, bfloat16: bool):
     def load() -> np.ndarray:
-        count = math.prod(shape)
-        with open(path, "rb") as f:
+        data = aligned_empty(shape, dtype)
+        buffer, filled = memoryview(data.reshape(-1).view(np.uint8)), 0
+        with open(path, "rb", buffering=0) as f:
             f.seek(offset)
-            data = np.fromfile(f, dtype=dtype, count=count)
-        if data.size != count:
-            raise _unreadable(path, f"a tensor at byte {offset} is cut short")
-        data = data.reshape(shape)
+            while filled < len(buffer):  # one read returns at most ~2 GiB on Linux
+                got = f.readinto(buffer[filled:])
+                if not got:
+                    raise _unreadable(path, f"a tensor at byte {offset} is cut short")
+                filled += got
         return _bfloat16_to_float32(data) if bfloat16 else data
 
     return load
@@ -288,21 +297,39 @@ def forget_deferred(models) -> None:
     pending[:] = [v for v in pending if id(v) not in ours]
 
 
-def initialize_deferred(models, pairs) -> None:
+def initialize_deferred(models, pairs, workers: int | None = None) -> None:
     """Give deferred variables their values: `pairs` of (variable, zero-argument function
-    returning the value in the variable's layout and dtype), read one at a time."""
+    returning the value in the variable's layout and dtype).
+
+    The value functions (file reads, casts, transposes; all release the GIL) run in
+    `workers` threads (default: one per CPU core) a few tensors ahead of the variables
+    they fill, so reading overlaps converting while at most a handful of converted
+    tensors wait in memory.
+    """
     models = list(models)
     given = {id(variable) for variable, _ in pairs}
     left = [v.path for m in models for v in m.weights if id(v) not in given]
+    workers = workers or os.cpu_count() or 1
     try:
         if left:  # a variable without a value would fail far from here, on first use
             raise ValueError(f"{len(left)} variables would stay without values: {left[:4]}")
-        for variable, value in pairs:
-            # Keras calls a deferred variable's initializer once, with (shape, dtype).
-            variable._initializer = lambda shape, dtype=None, value=value: value()
-            variable._deferred_initialize()
+        with ThreadPoolExecutor(workers) as pool:
+            pending = deque()
+            for variable, value in pairs:
+                pending.append((variable, pool.submit(value)))
+                if len(pending) > 2 * workers:
+                    _fill(*pending.popleft())
+            while pending:
+                _fill(*pending.popleft())
     finally:
         forget_deferred(models)
+
+
+def _fill(variable, future) -> None:
+    tensor = future.result()
+    # Keras calls a deferred variable's initializer once, with (shape, dtype).
+    variable._initializer = lambda shape, dtype=None: tensor
+    variable._deferred_initialize()
 
 
 def to_keras_tensor(tensor, variable):
@@ -326,8 +353,8 @@ def to_keras_tensor(tensor, variable):
 def match_torch_state(model, tensors: dict, source: str, prefix: str = "", ignore=()) -> list:
     """Pair every variable of `model` with its PyTorch-layout tensor, read lazily.
 
-    Like `state_dict.load_state_dict`, but only shapes are checked here (nothing is
-    read), and the values are produced later, one at a time.
+    The matching of `state_dict.load_state_dict`, but nothing is read here: the values
+    are produced later, one at a time, by `initialize_deferred`.
 
     Returns:
         `[(variable, value function)]` for `initialize_deferred` (or `assign`).
@@ -335,36 +362,14 @@ def match_torch_state(model, tensors: dict, source: str, prefix: str = "", ignor
     Raises:
         CheckpointError: naming the missing, unexpected and mis-shaped keys.
     """
-    targets = named_variables(model)
-    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    found = {k: v for k, v in found.items() if not k.endswith(tuple(ignore))}
-    missing = [prefix + k for k in sorted(set(targets) - set(found))]
-    unexpected = [prefix + k for k in sorted(set(found) - set(targets))]
-    pairs, mismatched = [], []
-    for name in sorted(set(targets) & set(found)):
-        variable, tensor = targets[name], found[name]
-        if keras_shape(tensor, variable) != tuple(variable.shape):
-            mismatched.append(
-                f"{prefix}{name} (file {tuple(tensor.shape)}, model {tuple(variable.shape)})"
-            )
-            continue
-        pairs.append((variable, lambda t=tensor, v=variable: to_keras_tensor(t, v)))
-    problems = [
-        summarize(what, keys)
-        for what, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        )
-        if keys
-    ]
+    pairs, problems = match_state_dict(model, tensors, prefix, ignore)
     if problems:
         raise CheckpointError(
             f"{source} does not match the {type(model).__name__} built for it: "
             + "; ".join(problems)
             + "."
         )
-    return pairs
+    return [(v, functools.partial(to_keras_tensor, t, v)) for v, t in pairs]
 
 
 def export_lazy(model, prefix: str = "") -> dict:
@@ -381,11 +386,11 @@ def export_lazy(model, prefix: str = "") -> dict:
 
 __all__ = [
     "LazyTensor",
+    "aligned_empty",
     "build_models_deferred",
     "export_lazy",
     "forget_deferred",
     "initialize_deferred",
-    "keras_shape",
     "match_torch_state",
     "read_safetensors",
     "stand_in",
