@@ -50,6 +50,21 @@ def _has_gpu() -> bool:
     return False
 
 
+def borrow_numpy(array):
+    """A tensor that shares `array`'s memory (no copy), or None where that is not safe.
+
+    Only TensorFlow on CPU (through DLPack): there a transpose of the result runs at
+    once, so the caller may reuse `array` as soon as that transpose returns. On GPUs
+    the host-to-device copy may still be queued, and the other backends copy anyway.
+    The result must only feed an op that writes new memory, never a variable.
+    """
+    if keras.backend.backend() != "tensorflow" or _has_gpu():
+        return None
+    import tensorflow as tf
+
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
 def compile_function(fn, jit_compile=True):
     """Compile a pure function of arrays for the current backend.
 

@@ -127,6 +127,39 @@ def test_to_keras_tensor_follows_torch_to_keras():
         np.testing.assert_array_equal(got, torch_to_keras(value, variable).astype("float32"))
 
 
+def test_file_tensors_read_through_a_reused_buffer_stay_intact(tmp_path):
+    """Transposed tensors from a file share one per-thread read buffer on TensorFlow: every
+    converted value must be its own memory, whatever is read after it, and the same in
+    float16 files, 1x1 convolutions and transposes that only move size-1 dimensions."""
+    from keras import layers
+
+    rng = np.random.default_rng(2)
+    conv, dense, thin = layers.Conv2D(6, 3), layers.Dense(6), layers.Dense(1)
+    conv.build((None, 8, 8, 4))
+    dense.build((None, 4))
+    thin.build((None, 4))
+    cases = {
+        "conv": (rng.standard_normal((6, 4, 3, 3)), conv.kernel),
+        "conv_f16": (rng.standard_normal((6, 4, 3, 3)).astype("float16"), conv.kernel),
+        "dense": (rng.standard_normal((6, 4)), dense.kernel),
+        "dense_1x1": (rng.standard_normal((6, 4, 1, 1)), dense.kernel),
+        "thin": (rng.standard_normal((1, 4)), thin.kernel),  # [1, 4] -> [4, 1]: a view
+        "bias": (rng.standard_normal(6), dense.bias),
+    }
+    arrays = {
+        k: v.astype(v.dtype if v.dtype == np.float16 else "float32") for k, (v, _) in cases.items()
+    }
+    streaming.write_safetensors(tmp_path / "w.safetensors", arrays)
+    tensors, _ = streaming.read_safetensors(tmp_path / "w.safetensors")
+    values = {k: streaming.to_keras_tensor(tensors[k], var) for k, (_, var) in cases.items()}
+    for _ in range(2):  # more reads through the same buffer after the conversions
+        for k, (_, var) in cases.items():
+            streaming.to_keras_tensor(tensors[k], var)
+    for k, (_, var) in cases.items():
+        expected = torch_to_keras(arrays[k], var).astype("float32")
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(values[k]), expected, err_msg=k)
+
+
 def test_deferred_models_cost_nothing_until_initialized():
     from keras.src.backend.common import global_state
 

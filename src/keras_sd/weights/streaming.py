@@ -26,6 +26,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_sd import backend
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
@@ -105,10 +107,19 @@ class LazyTensor:
         return LazyTensor(self._load, shape, self.dtype, (*self._index, index))
 
     def __array__(self, dtype=None, copy=None):
-        value = self._load()
+        return np.asarray(self.read(), dtype=dtype)
+
+    def read(self, scratch: bool = False) -> np.ndarray:
+        """The values; with `scratch`, possibly in a buffer the next scratch read of the
+        same thread overwrites (for consumers that copy them at once)."""
+        value = (
+            self._load(scratch=True)
+            if scratch and isinstance(self._load, _TensorReader)
+            else self._load()
+        )
         for index in self._index:
             value = value[index]
-        return np.asarray(value, dtype=dtype)
+        return value
 
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
@@ -138,20 +149,38 @@ def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def _reader(path: str, offset: int, dtype: str, shape: tuple, bfloat16: bool):
-    def load() -> np.ndarray:
-        data = aligned_empty(shape, dtype)
+_SCRATCH = threading.local()  # one reusable read buffer per loading thread
+
+
+def _scratch(shape, dtype) -> np.ndarray:
+    """This thread's reusable aligned buffer, viewed as `shape` and `dtype`."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _SCRATCH.buffer = aligned_empty((nbytes,), np.uint8)
+    return buffer[:nbytes].view(dtype).reshape(shape)
+
+
+class _TensorReader:
+    """Reads one tensor of a safetensors file into a new array, or into this thread's
+    scratch buffer (`scratch=True`: valid until the thread's next scratch read)."""
+
+    def __init__(self, path: str, offset: int, dtype: str, shape: tuple, bfloat16: bool):
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+        self.bfloat16 = bfloat16
+
+    def __call__(self, scratch: bool = False) -> np.ndarray:
+        make = _scratch if scratch and not self.bfloat16 else aligned_empty
+        data = make(self.shape, self.dtype)
         buffer, filled = memoryview(data.reshape(-1).view(np.uint8)), 0
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
             while filled < len(buffer):  # one read returns at most ~2 GiB on Linux
                 got = f.readinto(buffer[filled:])
                 if not got:
-                    raise _unreadable(path, f"a tensor at byte {offset} is cut short")
+                    raise _unreadable(self.path, f"a tensor at byte {self.offset} is cut short")
                 filled += got
-        return _bfloat16_to_float32(data) if bfloat16 else data
-
-    return load
+        return _bfloat16_to_float32(data) if self.bfloat16 else data
 
 
 def read_safetensors(path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
@@ -206,7 +235,7 @@ def read_safetensors(path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
             )
         bfloat16 = tag == "BF16"
         tensors[name] = LazyTensor(
-            _reader(path, start + begin, dtype.str, shape, bfloat16),
+            _TensorReader(path, start + begin, dtype.str, shape, bfloat16),
             shape,
             np.float32 if bfloat16 else dtype,
         )
@@ -297,19 +326,20 @@ def forget_deferred(models) -> None:
     pending[:] = [v for v in pending if id(v) not in ours]
 
 
-def initialize_deferred(models, pairs, workers: int | None = None) -> None:
+def initialize_deferred(models, pairs, workers: int = 1) -> None:
     """Give deferred variables their values: `pairs` of (variable, zero-argument function
     returning the value in the variable's layout and dtype).
 
     The value functions (file reads, casts, transposes; all release the GIL) run in
-    `workers` threads (default: one per CPU core) a few tensors ahead of the variables
-    they fill, so reading overlaps converting while at most a handful of converted
-    tensors wait in memory.
+    `workers` threads a few tensors ahead of the variables they fill, so they overlap
+    the Python work of creating variables while at most a handful of converted tensors
+    wait in memory. One worker is the default: the backends' transposes are already
+    multi-threaded, and a second worker made a full SD 1.5 load slower on 2 cores
+    (4.1 s against 3.3 s).
     """
     models = list(models)
     given = {id(variable) for variable, _ in pairs}
     left = [v.path for m in models for v in m.weights if id(v) not in given]
-    workers = workers or os.cpu_count() or 1
     try:
         if left:  # a variable without a value would fail far from here, on first use
             raise ValueError(f"{len(left)} variables would stay without values: {left[:4]}")
@@ -332,22 +362,46 @@ def _fill(variable, future) -> None:
     variable._deferred_initialize()
 
 
+def _permutation(shape: tuple, variable) -> tuple | None:
+    """How a PyTorch-layout tensor of `shape` is transposed into `variable` (None: not)."""
+    if len(shape) == 4 and len(variable.shape) == 4:
+        return (2, 3, 1, 0)  # conv [O, I, kh, kw] -> [kh, kw, I, O]
+    if len(shape) in (2, 4) and len(variable.shape) == 2 and variable.path.endswith("kernel"):
+        return (1, 0)  # Linear [out, in] (or a 1x1 conv [out, in, 1, 1]) -> Dense [in, out]
+    return None
+
+
+def _moves_data(shape: tuple, permutation: tuple) -> bool:
+    """Whether the transpose reorders elements (TensorFlow returns a view when it only
+    moves dimensions of size 1, and a view of a scratch buffer must not escape)."""
+    order = [axis for axis in permutation if shape[axis] != 1]
+    return order != sorted(order)
+
+
 def to_keras_tensor(tensor, variable):
     """`state_dict.torch_to_keras` producing a backend tensor of the variable's dtype.
 
     Same rules; the transposes run in the backend, whose blocked, multi-threaded
     kernels are several times faster than numpy's strided copy (most SD weights are
-    transposed: every convolution and linear layer).
+    transposed: every convolution and linear layer). On TensorFlow/CPU a tensor that is
+    transposed is read into a reused buffer that the transpose reads in place, so its
+    only new memory is the variable's own.
     """
-    array = np.asarray(tensor)
-    if array.ndim == 4 and len(variable.shape) == 2 and array.shape[2:] == (1, 1):
-        array = array[:, :, 0, 0]  # a 1x1 conv stored where we use a Dense layer
-    value = keras.ops.convert_to_tensor(array, dtype=variable.dtype)
-    if array.ndim == 4 and len(variable.shape) == 4:
-        return keras.ops.transpose(value, (2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
-    if array.ndim == 2 and variable.path.endswith("kernel"):
-        return keras.ops.transpose(value)  # Linear [out, in] -> Dense [in, out]
-    return value
+    shape = tuple(tensor.shape)
+    if len(shape) == 4 and len(variable.shape) == 2 and shape[2:] == (1, 1):
+        shape = shape[:2]  # a 1x1 conv stored where we use a Dense layer
+    permutation = _permutation(shape, variable)
+    if (
+        permutation is not None
+        and isinstance(tensor, LazyTensor)
+        and _moves_data(shape, permutation)
+    ):
+        array = tensor.read(scratch=True).reshape(shape)
+        borrowed = backend.borrow_numpy(array) if array.flags.c_contiguous else None
+        if borrowed is not None:
+            return keras.ops.transpose(keras.ops.cast(borrowed, variable.dtype), permutation)
+    value = keras.ops.convert_to_tensor(np.asarray(tensor).reshape(shape), dtype=variable.dtype)
+    return value if permutation is None else keras.ops.transpose(value, permutation)
 
 
 def match_torch_state(model, tensors: dict, source: str, prefix: str = "", ignore=()) -> list:
