@@ -70,7 +70,7 @@ def part_state_dict(model: AutoencoderKL, prefixes) -> dict:
 
 
 def loaded(cls, torch_model, **kwargs):
-    model = cls(**config_from_diffusers(dict(torch_model.config)), **kwargs)
+    model = cls(**{**config_from_diffusers(dict(torch_model.config)), **kwargs})
     prefixes = ENCODER_PREFIXES if cls is VAEEncoder else DECODER_PREFIXES
     load_state_dict(model, part_state_dict(torch_model, prefixes))
     return model
@@ -130,14 +130,39 @@ def test_decoder_parity(config):
 
 
 def test_mixed_float16_close_to_float32():
+    # force_upcast=False: the float16 computation itself (the default runs in float32).
+    half = {"dtype": "mixed_float16", "force_upcast": False}
     torch_model = diffusers_vae(TINY_CONFIG)
     moments, _ = check_encoder(torch_model, TINY_CONFIG, 16)
-    moments16, _ = check_encoder(torch_model, TINY_CONFIG, 16, dtype="mixed_float16")
+    moments16, _ = check_encoder(torch_model, TINY_CONFIG, 16, **half)
     images, _ = check_decoder(torch_model, TINY_CONFIG, 4)
-    images16, _ = check_decoder(torch_model, TINY_CONFIG, 4, dtype="mixed_float16")
+    images16, _ = check_decoder(torch_model, TINY_CONFIG, 4, **half)
     for out16, out32 in ((moments16, moments), (images16, images)):
         assert np.isfinite(out16).all()
         assert max_abs_normalized_error(out16, out32) <= MIXED_FLOAT16_TOLERANCE
+
+
+def test_float16_policy_upcasts_the_vae_so_large_activations_stay_finite():
+    """Activations past float16's 65504 (as SD VAEs reach at large sizes): NaN/inf in
+    float16, while the default force_upcast decodes in float32 like the reference."""
+    torch_model = diffusers_vae(TINY_CONFIG)
+    with torch.no_grad():
+        torch_model.decoder.conv_in.weight.mul_(1e6)
+    latents = sample_latents(TINY_CONFIG, 4)
+    expected = torch_decode(torch_model, latents)
+    assert np.isfinite(expected).all()
+    plain = loaded(VAEDecoder, torch_model, dtype="mixed_float16", force_upcast=False)
+    assert not np.isfinite(keras.ops.convert_to_numpy(plain(latents)).astype("float32")).all()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        guarded = loaded(VAEDecoder, torch_model)  # the global policy, default force_upcast
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert guarded.compute_dtype == "float32"
+    actual = keras.ops.convert_to_numpy(guarded(latents))
+    assert max_abs_normalized_error(actual, expected) <= FLOAT32_TOLERANCE
+    bf16 = VAEDecoder(**{**TINY_CONFIG, "dtype": "mixed_bfloat16"})  # float32's range
+    assert bf16.compute_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("cls", [VAEEncoder, VAEDecoder])

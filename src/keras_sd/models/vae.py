@@ -105,9 +105,16 @@ class _VAEBase(keras.Model):
         scaling_factor: float,
         norm_num_groups: int = 32,
         norm_eps: float = 1e-6,
+        force_upcast: bool = True,
         **kwargs,
     ):
+        policy = keras.dtype_policies.get(kwargs.get("dtype") or keras.config.dtype_policy())
+        if force_upcast and policy.compute_dtype == "float16":
+            # SD VAEs' activations outgrow float16 (65504) at larger sizes: NaN or black
+            # images. bfloat16 has float32's range and keeps its policy.
+            kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
+        self.force_upcast = bool(force_upcast)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.latent_channels = latent_channels
@@ -163,6 +170,7 @@ class _VAEBase(keras.Model):
             "norm_num_groups": self.norm_num_groups,
             "norm_eps": self.norm_eps,
             "scaling_factor": self.scaling_factor,
+            "force_upcast": self.force_upcast,
         }
 
 
@@ -181,6 +189,8 @@ class VAEEncoder(_VAEBase):
             the config for pipelines, not applied in `call`.
         norm_num_groups: GroupNorm groups.
         norm_eps: GroupNorm epsilon.
+        force_upcast: run in float32 when the dtype policy computes in float16 (as
+            diffusers' `force_upcast`), so large activations cannot overflow.
 
     Returns:
         `call(images [B, H, W, in_channels] in [-1, 1])` -> moments
@@ -363,4 +373,5 @@ def config_from_diffusers(cfg: dict) -> dict:
         "layers_per_block": cfg.get("layers_per_block", 1),
         "norm_num_groups": cfg.get("norm_num_groups", 32),
         "scaling_factor": cfg.get("scaling_factor", SD1_CONFIG["scaling_factor"]),
+        **({"force_upcast": bool(cfg["force_upcast"])} if "force_upcast" in cfg else {}),
     }

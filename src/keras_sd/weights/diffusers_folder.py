@@ -170,6 +170,7 @@ def _configs(sd, dtype: str) -> dict:
             **{k: v[k] for k in ("in_channels", "out_channels", "latent_channels")},
             **{k: v[k] for k in ("block_out_channels", "layers_per_block", "norm_num_groups")},
             "scaling_factor": v["scaling_factor"],
+            "force_upcast": v.get("force_upcast", True),
             "down_block_types": ["DownEncoderBlock2D"] * len(v["block_out_channels"]),
             "up_block_types": ["UpDecoderBlock2D"] * len(v["block_out_channels"]),
         },
