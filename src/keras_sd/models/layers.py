@@ -68,8 +68,11 @@ class GroupNorm(layers.Layer):
         mean, var = ops.moments(x, axes=(1, 3), keepdims=True)  # [B, 1, G, 1]
         # Fold the normalisation and the affine map into one scale and shift per
         # (sample, channel): two full-size passes instead of four.
-        scale = ops.rsqrt(var + self.epsilon) * ops.reshape(self.weight, (self.groups, per_group))
-        shift = ops.reshape(self.bias, (self.groups, per_group)) - mean * scale
+        # float32 affine parameters too: under a pure bfloat16/float16 policy they are
+        # stored in low precision.
+        weight = ops.reshape(ops.cast(self.weight, "float32"), (self.groups, per_group))
+        scale = ops.rsqrt(var + self.epsilon) * weight
+        shift = ops.reshape(ops.cast(self.bias, "float32"), (self.groups, per_group)) - mean * scale
         return ops.cast(ops.reshape(x * scale + shift, shape), self.compute_dtype)
 
     def get_config(self):
