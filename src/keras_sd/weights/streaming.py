@@ -15,8 +15,9 @@ values yet (Keras defers initialization inside a `StatelessScope`), and
 and converting in worker threads a few tensors ahead. A full-size model then costs one
 read and one layout conversion per tensor instead of a random initialization plus a
 copy (seconds instead of ~15 s on CPU), and peak memory stays near the model's own size
-instead of twice that. Tensors are read into 64-byte aligned buffers, which TensorFlow
-adopts without another copy.
+instead of twice that. On TensorFlow/CPU a tensor that needs a transpose is read into a
+reused per-thread buffer that the transpose reads in place (through DLPack), so the only
+new memory it costs is the variable's own.
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def _unreadable(path, reason: str) -> ValueError:
 def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
     """An uninitialized C-contiguous array whose data start on an `alignment`-byte boundary.
 
-    TensorFlow wraps a numpy array without copying only when its data are 64-byte aligned
-    (Eigen's alignment); numpy itself guarantees 16 bytes.
+    Eigen's vectorized kernels (TensorFlow's) assume 64-byte alignment for arrays handed
+    over without a copy; numpy itself guarantees only 16 bytes.
 
     Example:
     >>> aligned_empty((3, 5), "float32").ctypes.data % 64
