@@ -192,20 +192,25 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
     decoder_state = _select(vae_state, diffusers_io.VAE_DECODER_PREFIXES)
     # The encoder also gets every stray VAE key, so they are reported as unexpected.
     encoder_state = {k: v for k, v in vae_state.items() if k not in decoder_state}
-    states = {  # quickest to build first: its load overlaps building the others
-        "text_encoder": (text, prefix, diffusers_io.TEXT_ENCODER_IGNORED),
-        "image_encoder": (encoder_state, "", ()),
-        "decoder": (decoder_state, "", ()),
-        "diffusion_model": (parts["unet"], "", ()),
-    }
+    models = streaming.build_models_deferred(config)
     try:
-        return streaming.build_and_load(config, states, source)
+        pairs = (
+            streaming.match_torch_state(
+                models["text_encoder"], text, source, prefix, diffusers_io.TEXT_ENCODER_IGNORED
+            )
+            + streaming.match_torch_state(models["diffusion_model"], parts["unet"], source)
+            + streaming.match_torch_state(models["decoder"], decoder_state, source)
+            + streaming.match_torch_state(models["image_encoder"], encoder_state, source)
+        )
     except CheckpointError as err:
+        streaming.forget_deferred(models.values())
         raise CheckpointError(
             f"{err} The architecture was inferred from the weights and the detected SD "
             "version; pass config=... or a component override (e.g. unet={...}) for values "
             "weights cannot show (attention heads, GroupNorm groups)."
         ) from None
+    streaming.initialize_deferred(models.values(), pairs)
+    return models
 
 
 def load_checkpoint(

@@ -74,18 +74,37 @@ def named_variables(model) -> dict:
     return out
 
 
+def torch_layout(shape, variable) -> tuple[tuple, tuple | None]:
+    """How a PyTorch-layout tensor of `shape` becomes `variable`'s value, without reading it.
+
+    Returns:
+        `(shape, permutation)`: the shape to view the tensor as first (a 1x1 conv weight
+        [O, I, 1, 1] stored where keras-sd has a Dense layer, as in old VAE attention
+        checkpoints, is viewed as [O, I]), then the transpose to apply (None: none).
+        Conv [O, I, kh, kw] -> [kh, kw, I, O]; Linear [out, in] -> Dense [in, out].
+
+    Example:
+    >>> from keras import layers
+    >>> dense = layers.Dense(3)
+    >>> dense.build((None, 5))
+    >>> torch_layout((3, 5, 1, 1), dense.kernel)
+    ((3, 5), (1, 0))
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 4 and len(variable.shape) == 4:
+        return shape, (2, 3, 1, 0)
+    if len(shape) == 4 and len(variable.shape) == 2 and shape[2:] == (1, 1):
+        shape = shape[:2]
+    if len(shape) == 2 and _is_dense(variable):
+        return shape, (1, 0)
+    return shape, None
+
+
 def torch_to_keras(value: np.ndarray, variable) -> np.ndarray:
     """Convert one PyTorch-layout array to the layout of `variable`."""
-    value = np.asarray(value)
-    target = tuple(variable.shape)
-    if value.ndim == 4 and len(target) == 4:  # conv [O, I, kh, kw] -> [kh, kw, I, O]
-        return value.transpose(2, 3, 1, 0)
-    if value.ndim == 4 and len(target) == 2 and value.shape[2:] == (1, 1):
-        # A 1x1 conv stored where we use a Dense layer (old VAE attention checkpoints).
-        value = value[:, :, 0, 0]
-    if value.ndim == 2 and _is_dense(variable):
-        return value.T
-    return value
+    shape, permutation = torch_layout(np.shape(value), variable)
+    value = np.asarray(value).reshape(shape)
+    return value if permutation is None else value.transpose(permutation)
 
 
 def keras_to_torch(value: np.ndarray, variable) -> np.ndarray:
@@ -116,7 +135,8 @@ def stand_in(shape, dtype) -> np.ndarray:
 
 def keras_shape(tensor, variable) -> tuple:
     """The shape `tensor` (PyTorch layout) takes in `variable`'s layout, without reading it."""
-    return tuple(torch_to_keras(stand_in(tensor.shape, tensor.dtype), variable).shape)
+    shape, permutation = torch_layout(tensor.shape, variable)
+    return shape if permutation is None else tuple(shape[axis] for axis in permutation)
 
 
 def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):

@@ -47,6 +47,7 @@ from keras_sd.weights.state_dict import (
     match_state_dict,
     named_variables,
     stand_in,
+    torch_layout,
 )
 
 # StableDiffusion attribute -> model class and its config key.
@@ -344,60 +345,16 @@ def initialize_deferred(models, pairs, workers: int = 1) -> None:
     try:
         if left:  # a variable without a value would fail far from here, on first use
             raise ValueError(f"{len(left)} variables would stay without values: {left[:4]}")
-        _fill_all(pairs, workers)
+        with ThreadPoolExecutor(workers) as pool:
+            pending = deque()
+            for variable, value in pairs:
+                pending.append((variable, pool.submit(value)))
+                if len(pending) > 2 * workers:
+                    _fill(*pending.popleft())
+            while pending:
+                _fill(*pending.popleft())
     finally:
         forget_deferred(models)
-
-
-def _fill_all(pairs, workers: int = 1) -> None:
-    """Run the value functions in `workers` threads, a few ahead, and fill each variable."""
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque()
-        for variable, value in pairs:
-            pending.append((variable, pool.submit(value)))
-            if len(pending) > 2 * workers:
-                _fill(*pending.popleft())
-        while pending:
-            _fill(*pending.popleft())
-
-
-def build_and_load(config: dict, states: dict, source: str) -> dict:
-    """Build SD models and stream PyTorch-layout state dicts into them, overlapped.
-
-    Each model is built with deferred variables (in this thread: building is Python
-    work that holds the GIL) and handed to a loader thread at once, which reads and
-    converts its tensors (work that releases the GIL) while the next model is built.
-    Order `states` from the quickest model to build to the slowest.
-
-    Args:
-        config: the model config (keys "text_encoder", "unet", "vae").
-        states: `{StableDiffusion attribute: (state dict, key prefix, ignored key
-            suffixes)}` for the models to build, in build order.
-        source: names the checkpoint in errors.
-
-    Returns:
-        `{attribute: model}` with every variable loaded.
-
-    Raises:
-        CheckpointError: a state dict does not fit its model (see `match_torch_state`);
-            loads already started finish first, and no variable is left pending.
-    """
-    models = {}
-    try:
-        with ThreadPoolExecutor(1) as loader:
-            loads = []
-            for attr, (state, prefix, ignore) in states.items():
-                cls, key = MODELS[attr]
-                with keras.StatelessScope(initialize_variables=False):
-                    models[attr] = cls(**config[key])
-                pairs = match_torch_state(models[attr], state, source, prefix, ignore)
-                loads.append(loader.submit(_fill_all, pairs))
-            for load in loads:
-                load.result()
-    finally:
-        # Keras keeps the list of deferred variables per thread: this is the builder's.
-        forget_deferred(models.values())
-    return models
 
 
 def _fill(variable, future) -> None:
@@ -405,15 +362,6 @@ def _fill(variable, future) -> None:
     # Keras calls a deferred variable's initializer once, with (shape, dtype).
     variable._initializer = lambda shape, dtype=None: tensor
     variable._deferred_initialize()
-
-
-def _permutation(shape: tuple, variable) -> tuple | None:
-    """How a PyTorch-layout tensor of `shape` is transposed into `variable` (None: not)."""
-    if len(shape) == 4 and len(variable.shape) == 4:
-        return (2, 3, 1, 0)  # conv [O, I, kh, kw] -> [kh, kw, I, O]
-    if len(shape) in (2, 4) and len(variable.shape) == 2 and variable.path.endswith("kernel"):
-        return (1, 0)  # Linear [out, in] (or a 1x1 conv [out, in, 1, 1]) -> Dense [in, out]
-    return None
 
 
 def _moves_data(shape: tuple, permutation: tuple) -> bool:
@@ -432,10 +380,7 @@ def to_keras_tensor(tensor, variable):
     transposed is read into a reused buffer that the transpose reads in place, so its
     only new memory is the variable's own.
     """
-    shape = tuple(tensor.shape)
-    if len(shape) == 4 and len(variable.shape) == 2 and shape[2:] == (1, 1):
-        shape = shape[:2]  # a 1x1 conv stored where we use a Dense layer
-    permutation = _permutation(shape, variable)
+    shape, permutation = torch_layout(tensor.shape, variable)
     if (
         permutation is not None
         and isinstance(tensor, LazyTensor)
@@ -486,7 +431,6 @@ def export_lazy(model, prefix: str = "") -> dict:
 __all__ = [
     "LazyTensor",
     "aligned_empty",
-    "build_and_load",
     "build_models_deferred",
     "export_lazy",
     "forget_deferred",
