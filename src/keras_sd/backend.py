@@ -57,6 +57,12 @@ def borrow_numpy(array):
     once, so the caller may reuse `array` as soon as that transpose returns. On GPUs
     the host-to-device copy may still be queued, and the other backends copy anyway.
     The result must only feed an op that writes new memory, never a variable.
+
+    Example:
+    >>> import numpy as np
+    >>> t = borrow_numpy(np.arange(6, dtype="float32").reshape(2, 3))
+    >>> t is None or tuple(keras.ops.transpose(t).shape) == (3, 2)
+    True
     """
     if keras.backend.backend() != "tensorflow" or _has_gpu():
         return None

@@ -180,6 +180,12 @@ class DiffusionTrainer(keras.Model):
 
         SNR(t) = alpha_bar_t / (1 - alpha_bar_t); the weight is min(SNR, gamma) / SNR for
         epsilon targets and min(SNR, gamma) / (SNR + 1) for v targets.
+
+        Example:
+        >>> trainer = DiffusionTrainer(text, unet, None, DDIMScheduler(),
+        ...                            condition_dropout=0.0, snr_gamma=5.0)  # doctest: +SKIP
+        >>> trainer.loss_weights(keras.ops.array([0, 999]))  # doctest: +SKIP
+        [0.0043, 1.0]
         """
         if self.snr_gamma is None:
             raise ValueError("loss_weights needs snr_gamma; this trainer has snr_gamma=None.")
