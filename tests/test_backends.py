@@ -25,3 +25,37 @@ def test_text_to_image_matches_diffusers_on_backend(backend):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert_close(result)
+
+
+BORROW_CHECK = """
+import numpy as np, keras
+from keras_sd.backend import borrow_numpy
+from keras_sd.weights.streaming import aligned_empty
+raw = aligned_empty((4 * 65,), "uint8")
+misaligned = raw[4:4 + 4 * 64].view("float32").reshape(8, 8)
+misaligned[:] = np.arange(64, dtype="float32").reshape(8, 8)
+assert borrow_numpy(misaligned) is None, "a misaligned array was shared"
+assert borrow_numpy(np.asfortranarray(np.ones((8, 8), "float32"))) is None
+aligned = aligned_empty((8, 8), "float32")
+aligned[:] = misaligned
+shared = borrow_numpy(aligned)
+assert shared is not None, "an aligned array was not shared on TensorFlow/CPU"
+out = keras.ops.convert_to_numpy(keras.ops.transpose(shared))
+np.testing.assert_array_equal(out, misaligned.T)
+print("ok")
+"""
+
+
+def test_borrow_numpy_shares_only_aligned_arrays():
+    """TensorFlow aborts the process on an unaligned DLPack buffer: the check runs
+    in a child so that a regression fails this test instead of killing the suite."""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, "-c", BORROW_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")

@@ -50,21 +50,32 @@ def _has_gpu() -> bool:
     return False
 
 
+_TF_ALIGNMENT = 64  # bytes; Eigen's EIGEN_MAX_ALIGN_BYTES on AVX-512 builds
+
+
 def borrow_numpy(array):
     """A tensor that shares `array`'s memory (no copy), or None where that is not safe.
 
     Only TensorFlow on CPU (through DLPack): there a transpose of the result runs at
     once, so the caller may reuse `array` as soon as that transpose returns. On GPUs
     the host-to-device copy may still be queued, and the other backends copy anyway.
+    TensorFlow's kernels assume buffers aligned to 64 bytes (an unaligned one aborts
+    the process), so only C-contiguous arrays starting on such a boundary are shared;
+    `keras_sd.weights.streaming.aligned_empty` makes them.
     The result must only feed an op that writes new memory, never a variable.
 
     Example:
-    >>> import numpy as np
-    >>> t = borrow_numpy(np.arange(6, dtype="float32").reshape(2, 3))
-    >>> t is None or tuple(keras.ops.transpose(t).shape) == (3, 2)
+    >>> from keras_sd.weights.streaming import aligned_empty
+    >>> array = aligned_empty((2, 3), "float32")
+    >>> array[:] = [[0, 1, 2], [3, 4, 5]]
+    >>> t = borrow_numpy(array)
+    >>> expected = [[0, 3], [1, 4], [2, 5]]
+    >>> t is None or keras.ops.convert_to_numpy(keras.ops.transpose(t)).tolist() == expected
     True
     """
     if keras.backend.backend() != "tensorflow" or _has_gpu():
+        return None
+    if not array.flags.c_contiguous or array.ctypes.data % _TF_ALIGNMENT:
         return None
     import tensorflow as tf
 

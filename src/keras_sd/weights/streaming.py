@@ -387,7 +387,7 @@ def to_keras_tensor(tensor, variable):
         and _moves_data(shape, permutation)
     ):
         array = tensor.read(scratch=True).reshape(shape)
-        borrowed = backend.borrow_numpy(array) if array.flags.c_contiguous else None
+        borrowed = backend.borrow_numpy(array)
         if borrowed is not None:
             return keras.ops.transpose(keras.ops.cast(borrowed, variable.dtype), permutation)
     value = keras.ops.convert_to_tensor(np.asarray(tensor).reshape(shape), dtype=variable.dtype)
