@@ -128,7 +128,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--keras-sd-xla",
         action="store_true",
-        help="add keras-sd TensorFlow rows with jit_compile=True on CPU",
+        help="add keras-sd TensorFlow rows with jit_compile=True",
+    )
+    p.add_argument(
+        "--keras-sd-graph",
+        action="store_true",
+        help="add keras-sd TensorFlow rows with jit_compile=False (a plain graph)",
     )
     p.add_argument("--torch-compile", action="store_true", help="add diffusers torch.compile rows")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke run)")
@@ -188,7 +193,9 @@ def variants(args) -> list[dict]:
             if f"keras-sd-{backend}" not in args.runtimes:
                 continue
             for policy in policies[precision]:
-                jits = ["auto", True] if backend == "tf" and args.keras_sd_xla else ["auto"]
+                jits = ["auto"]
+                if backend == "tf":
+                    jits += [True] * args.keras_sd_xla + [False] * args.keras_sd_graph
                 for jit in jits:
                     out.append(
                         {
@@ -197,7 +204,9 @@ def variants(args) -> list[dict]:
                             "policy": policy,
                             "jit": jit,
                             "backend": backend,
-                            "name": f"keras-sd/{backend}/{policy}" + "/xla" * (jit is True),
+                            "name": f"keras-sd/{backend}/{policy}"
+                            + "/xla" * (jit is True)
+                            + "/graph" * (jit is False),
                         }
                     )
         if "diffusers" in args.runtimes:

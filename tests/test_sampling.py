@@ -1,5 +1,7 @@
 """The compiled denoising loop: one trace per shape, seeds, stochastic steps."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,42 @@ def test_bad_arguments_name_the_argument(sd, kwargs, needle):
 def test_prompt_type_error(sd):
     with pytest.raises(TypeError, match="prompt must be a string"):
         sd.text_to_image(["a", "b"])
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_progress_reports_every_step_without_retracing(jit_compile):
+    """TensorFlow XLA cannot call the host from inside the program: there the same
+    program runs one range of steps per call, so progress still arrives per step and
+    the result equals one uninterrupted run."""
+    sd = StableDiffusion(32, 32, config="tiny", jit_compile=jit_compile)
+    latents = np.random.default_rng(0).standard_normal((1, 16, 16, 4)).astype("float32")
+    context, uncond = sd.encode_text("a red circle"), sd.encode_text("")
+    seen = []
+    run = partial(sd.sampler, DDIMScheduler(), latents, context, uncond, num_steps=5)
+    stepped = run(callback=seen.append)
+    traces = sd.sampler.trace_count
+    run(callback=seen.append)
+    assert sd.sampler.trace_count == traces
+    assert seen == [0, 1, 2, 3, 4] * 2
+    whole = run()
+    np.testing.assert_allclose(np.asarray(stepped), np.asarray(whole), atol=1e-5)
+
+
+def test_auto_compile_mode_follows_device_precision_and_size():
+    """On a CPU, "auto" is XLA only for large float32 models (measured faster there)."""
+    import keras
+
+    from keras_sd import backend
+
+    if keras.backend.backend() != "tensorflow" or backend.has_accelerator():
+        pytest.skip("the CPU rule is TensorFlow's; JAX always jits, GPUs always use XLA")
+    large = backend.XLA_CPU_MIN_PARAMS
+    assert backend.resolve_jit_compile("auto", "float32", large) is True
+    assert backend.resolve_jit_compile("auto", "bfloat16", large) is False
+    assert backend.resolve_jit_compile("auto", "float16", large) is False
+    assert backend.resolve_jit_compile("auto", "float32", large - 1) is False
+    assert backend.resolve_jit_compile(True, "bfloat16", 1) is True
+    assert backend.resolve_jit_compile(False, "float32", large) is False
+    with pytest.raises(ValueError, match="jit_compile"):
+        backend.resolve_jit_compile("xla")
+    assert StableDiffusion(32, 32, config="tiny").sampler.jit_compile is False

@@ -25,12 +25,58 @@ def validate_jit_compile(jit_compile) -> None:
         )
 
 
-def _use_xla(jit_compile) -> bool:
-    if jit_compile == "auto":
-        # Measured on CPU (issue 6): XLA gains little in float32 and loses in
-        # bfloat16, while on GPUs it fuses the many small ops of a UNet step.
-        return _has_gpu()
-    return bool(jit_compile)
+# "auto" on a CPU (TensorFlow): XLA in float32 for models at least this large. Measured
+# on 2-core CPUs (benchmarks/RESULTS.md): a full SD 1.5 UNet step runs 20-27% faster
+# under XLA than as a plain graph and the VAE decoder ~20% faster, for 8-15 s more
+# compile time on the first call; the bundled ~20M-parameter model gains 0.6 s per image
+# but compiles 5 s longer, which a one-off `keras-sd generate` would pay. In bfloat16
+# XLA was slower than the plain graph (issue 6), so low precision stays a graph.
+XLA_CPU_MIN_PARAMS = 100_000_000
+
+
+def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
+    """What `jit_compile` means on this backend and device: True for XLA (TensorFlow),
+    `jax.jit` (JAX) or `torch.compile` (PyTorch), False for a plain TensorFlow graph or
+    eager PyTorch.
+
+    "auto" is XLA on GPUs; on CPUs, XLA for float32 models of at least
+    `XLA_CPU_MIN_PARAMS` parameters (the faster choice there, measured) and a plain
+    graph otherwise; PyTorch stays eager (its compiler takes minutes on CPU) and JAX
+    is always jitted.
+
+    Args:
+        jit_compile: True, False or "auto".
+        compute_dtype: the model's compute dtype; default the global Keras policy's.
+        params: the model's parameter count; None counts as large.
+
+    Example:
+    >>> resolve_jit_compile(False)
+    False
+    >>> resolve_jit_compile("auto", "bfloat16") == (keras.backend.backend() == "jax" or _has_gpu())
+    True
+    """
+    validate_jit_compile(jit_compile)
+    name = keras.backend.backend()
+    if name == "jax":
+        return True
+    if jit_compile != "auto":
+        return jit_compile
+    if name != "tensorflow":
+        return False
+    if _has_gpu():
+        return True
+    dtype = compute_dtype or keras.config.dtype_policy().compute_dtype
+    return dtype == "float32" and (params is None or params >= XLA_CPU_MIN_PARAMS)
+
+
+def has_accelerator() -> bool:
+    """Whether the current backend computes on a GPU (or another accelerator).
+
+    Example:
+    >>> isinstance(has_accelerator(), bool)
+    True
+    """
+    return _has_gpu()
 
 
 def _has_gpu() -> bool:
@@ -88,8 +134,9 @@ def compile_function(fn, jit_compile=True):
     Args:
         fn: a function whose arguments and results are (nested) arrays.
         jit_compile: True for XLA, False for the backend's plain graph mode
-            (TensorFlow) or eager execution (PyTorch), "auto" to choose by device.
-            JAX always uses `jax.jit`, its only fast mode.
+            (TensorFlow) or eager execution (PyTorch), "auto" as `resolve_jit_compile`
+            decides for a large float32 model (callers that know their model resolve
+            it first). JAX always uses `jax.jit`, its only fast mode.
 
     Returns:
         A callable with the same signature; it retraces only for new shapes/dtypes.
@@ -105,7 +152,7 @@ def compile_function(fn, jit_compile=True):
     if name == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=_use_xla(jit_compile))
+        return tf.function(fn, jit_compile=resolve_jit_compile(jit_compile))
     if name == "jax":
         import jax
 
@@ -144,7 +191,7 @@ def supports_step_callback(jit_compile) -> bool:
     TensorFlow cannot call Python from inside XLA; its plain graphs, `jax.jit`
     and eager PyTorch can.
     """
-    return not (keras.backend.backend() == "tensorflow" and _use_xla(jit_compile))
+    return not (keras.backend.backend() == "tensorflow" and resolve_jit_compile(jit_compile))
 
 
 def step_callback(fn, step, after) -> None:

@@ -7,6 +7,7 @@ decode -> uint8. The model math lives in `keras_sd.models`, the loop in
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -35,8 +36,9 @@ class StableDiffusion:
     Args:
         img_width: default image width in pixels, a multiple of the VAE factor (8).
         img_height: default image height in pixels, likewise.
-        jit_compile: True (XLA), False or "auto" (XLA on GPUs only); the whole
-            denoising loop is one compiled program either way.
+        jit_compile: True (XLA), False or "auto" (XLA on GPUs, and on CPUs for
+            full-size float32 models; see `keras_sd.backend.resolve_jit_compile`); the
+            whole denoising loop is one compiled program either way.
         config: a model configuration name from `keras_sd.presets.MODEL_CONFIGS`
             ("sd1", "sd2", "tiny", ...) or a dict with the keys "tokenizer",
             "text_encoder", "unet", "vae" and "scheduler".
@@ -79,11 +81,13 @@ class StableDiffusion:
         self.img_width, self.img_height = img_width, img_height
         # Generation settings a preset recommends (the CLI's defaults).
         self.defaults = {"num_steps": 50, "guidance_scale": 7.5}
-        self.sampler = Sampler(self.diffusion_model, jit_compile)
-        self._encode_fn = backend.compile_function(
-            backend.stateless(self.text_encoder), jit_compile
-        )
-        self._decode_fn = backend.compile_function(backend.stateless(self.decoder), jit_compile)
+        # "auto" decided once, by device and by the UNet's precision and size.
+        unet_params = sum(math.prod(v.shape) for v in self.diffusion_model.weights)
+        unet_dtype = self.diffusion_model.compute_dtype
+        jit = backend.resolve_jit_compile(jit_compile, unet_dtype, unet_params)
+        self.sampler = Sampler(self.diffusion_model, jit)
+        self._encode_fn = backend.compile_function(backend.stateless(self.text_encoder), jit)
+        self._decode_fn = backend.compile_function(backend.stateless(self.decoder), jit)
 
     # ------------------------------------------------------------ constructors
     @classmethod

@@ -79,7 +79,9 @@ class Sampler:
             image_latents, blend_noise: for 4-channel models, the known region is
                 re-noised to the next step's level and blended back after each step.
             callback: `callback(step_index)` called on the host after each step
-                (progress bars). Ignored under TensorFlow XLA, which cannot call Python.
+                (progress bars). TensorFlow XLA programs cannot call Python, so there
+                the same program runs a range of steps per call and the steps are
+                reported between calls.
         """
         schedule = scheduler.schedule(num_steps, strength)
         guided = guidance_scale > 1.0
@@ -104,18 +106,34 @@ class Sampler:
             self._programs[key] = backend.compile_function(
                 self._loop_fn(scheduler, guided, report=key[-1]), self.jit_compile
             )
+        program = self._programs[key]
         tables = {k: ops.convert_to_tensor(v) for k, v in schedule.items()}
+        steps = len(schedule["timesteps"])
+        # A program that cannot call the host (TensorFlow XLA) runs in chunks of steps
+        # when progress is wanted: the same program, given another range of steps.
+        chunk = steps if callback is None or key[-1] else _host_chunk(steps)
         self._callback = callback
+        latents = ops.cast(latents, "float32")
+        guidance = ops.convert_to_tensor(np.float32(guidance_scale))
         with backend.no_grad():
-            return self._programs[key](
-                backend.model_state(self.unet),
-                ops.cast(latents, "float32"),
-                context,
-                ops.convert_to_tensor(np.float32(guidance_scale)),
-                tables,
-                step_noise,
-                inpaint,
-            )
+            for start in range(0, steps, chunk):
+                stop = min(start + chunk, steps)
+                latents = program(
+                    backend.model_state(self.unet),
+                    latents,
+                    context,
+                    guidance,
+                    tables,
+                    step_noise,
+                    inpaint,
+                    ops.convert_to_tensor(np.int32(start)),
+                    ops.convert_to_tensor(np.int32(stop)),
+                )
+                if chunk < steps:
+                    ops.convert_to_numpy(latents[:1, :1, :1, :1])  # wait for the chunk
+                    for step in range(start, stop):
+                        callback(step)
+        return latents
 
     def _report(self, step: int) -> None:
         if self._callback is not None:
@@ -124,7 +142,7 @@ class Sampler:
     def _loop_fn(self, scheduler, guided, report):
         unet_call = backend.stateless(self.unet)
 
-        def loop(state, latents, context, guidance, tables, step_noise, inpaint):
+        def loop(state, latents, context, guidance, tables, step_noise, inpaint, start, stop):
             self.trace_count += 1
             timesteps = tables["timesteps"]
             num_steps = timesteps.shape[0]
@@ -151,9 +169,16 @@ class Sampler:
                     backend.step_callback(self._report, i, x[:1, :1, :1, :1])
                 return x
 
-            return ops.fori_loop(0, num_steps, body, latents)
+            return ops.fori_loop(start, stop, body, latents)
 
         return loop
+
+
+def _host_chunk(steps: int) -> int:
+    """Steps per program call when progress is reported from the host: every step on
+    a CPU (a step takes seconds there), about a tenth of the loop on an accelerator
+    (where a call's own overhead is a noticeable part of a step)."""
+    return 1 if not backend.has_accelerator() else max(1, -(-steps // 10))
 
 
 def _blend_known(scheduler, x, i, timesteps, num_steps, batch, inpaint):
