@@ -52,7 +52,8 @@ def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
     Example:
     >>> resolve_jit_compile(False)
     False
-    >>> resolve_jit_compile("auto", "bfloat16") == (keras.backend.backend() == "jax" or _has_gpu())
+    >>> always = keras.backend.backend() == "jax" or has_accelerator()
+    >>> resolve_jit_compile("auto", "bfloat16") == always
     True
     """
     validate_jit_compile(jit_compile)
@@ -63,7 +64,7 @@ def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
         return jit_compile
     if name != "tensorflow":
         return False
-    if _has_gpu():
+    if has_accelerator():
         return True
     dtype = compute_dtype or keras.config.dtype_policy().compute_dtype
     return dtype == "float32" and (params is None or params >= XLA_CPU_MIN_PARAMS)
@@ -76,10 +77,6 @@ def has_accelerator() -> bool:
     >>> isinstance(has_accelerator(), bool)
     True
     """
-    return _has_gpu()
-
-
-def _has_gpu() -> bool:
     name = keras.backend.backend()
     if name == "tensorflow":
         import tensorflow as tf
@@ -119,7 +116,7 @@ def borrow_numpy(array):
     >>> t is None or keras.ops.convert_to_numpy(keras.ops.transpose(t)).tolist() == expected
     True
     """
-    if keras.backend.backend() != "tensorflow" or _has_gpu():
+    if keras.backend.backend() != "tensorflow" or has_accelerator():
         return None
     if not array.flags.c_contiguous or array.ctypes.data % _TF_ALIGNMENT:
         return None

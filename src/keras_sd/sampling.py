@@ -94,32 +94,36 @@ class Sampler:
             inpaint.update(mask=mask, masked_image_latents=masked_image_latents)
         if image_latents is not None:
             inpaint.update(blend_mask=mask, image_latents=image_latents, blend_noise=blend_noise)
+        # Where the backend can call the host from inside the program, progress is
+        # reported there; otherwise (TensorFlow XLA) the same program runs a range of
+        # steps per call and the steps are reported between calls.
+        in_program = callback is not None and backend.supports_step_callback(self.jit_compile)
+        from_host = callback is not None and not in_program
         key = (
             type(scheduler).__name__,
             json.dumps(scheduler.get_config(), sort_keys=True, default=str),
             guided,
             step_noise is not None,
             tuple(sorted(inpaint)),
-            callback is not None and backend.supports_step_callback(self.jit_compile),
+            in_program,
         )
         if key not in self._programs:
             self._programs[key] = backend.compile_function(
-                self._loop_fn(scheduler, guided, report=key[-1]), self.jit_compile
+                self._loop_fn(scheduler, guided, report=in_program), self.jit_compile
             )
         program = self._programs[key]
         tables = {k: ops.convert_to_tensor(v) for k, v in schedule.items()}
         steps = len(schedule["timesteps"])
-        # A program that cannot call the host (TensorFlow XLA) runs in chunks of steps
-        # when progress is wanted: the same program, given another range of steps.
-        chunk = steps if callback is None or key[-1] else _host_chunk(steps)
+        chunk = _host_chunk(steps) if from_host else steps
         self._callback = callback
+        state = backend.model_state(self.unet)
         latents = ops.cast(latents, "float32")
         guidance = ops.convert_to_tensor(np.float32(guidance_scale))
         with backend.no_grad():
             for start in range(0, steps, chunk):
                 stop = min(start + chunk, steps)
                 latents = program(
-                    backend.model_state(self.unet),
+                    state,
                     latents,
                     context,
                     guidance,
@@ -129,7 +133,7 @@ class Sampler:
                     ops.convert_to_tensor(np.int32(start)),
                     ops.convert_to_tensor(np.int32(stop)),
                 )
-                if chunk < steps:
+                if from_host:
                     ops.convert_to_numpy(latents[:1, :1, :1, :1])  # wait for the chunk
                     for step in range(start, stop):
                         callback(step)
