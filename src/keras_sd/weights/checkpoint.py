@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import keras
+
 from keras_sd import presets
 from keras_sd.weights import diffusers as diffusers_io
 from keras_sd.weights import diffusers_folder, streaming
@@ -26,6 +28,7 @@ from keras_sd.weights.compvis import (
     detect_variant,
     diffusers_to_compvis,
 )
+from keras_sd.weights.prefetch import Prefetch
 from keras_sd.weights.state_dict import CheckpointError
 
 LAYOUTS = ("compvis", "diffusers")
@@ -184,32 +187,49 @@ def _select(state: dict, prefixes: tuple) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
 
-def _load_models(config: dict, parts: dict, source: str) -> dict:
-    """Build the models and stream `parts` (diffusers-layout state dicts) into them."""
+def component_states(parts: dict) -> list:
+    """`(StableDiffusion attribute, state dict, key prefix, ignored key suffixes)` for each
+    model, from diffusers-layout `parts`, in the order the models are filled."""
     text, vae_state = parts["text_encoder"], parts["vae"]
     prefix = diffusers_io.TEXT_ENCODER_PREFIX
     prefix = prefix if any(k.startswith(prefix) for k in text) else ""
     decoder_state = _select(vae_state, diffusers_io.VAE_DECODER_PREFIXES)
     # The encoder also gets every stray VAE key, so they are reported as unexpected.
     encoder_state = {k: v for k, v in vae_state.items() if k not in decoder_state}
-    models = streaming.build_models_deferred(config)
-    try:
-        pairs = (
-            streaming.match_torch_state(
-                models["text_encoder"], text, source, prefix, diffusers_io.TEXT_ENCODER_IGNORED
-            )
-            + streaming.match_torch_state(models["diffusion_model"], parts["unet"], source)
-            + streaming.match_torch_state(models["decoder"], decoder_state, source)
-            + streaming.match_torch_state(models["image_encoder"], encoder_state, source)
-        )
-    except CheckpointError as err:
-        streaming.forget_deferred(models.values())
-        raise CheckpointError(
-            f"{err} The architecture was inferred from the weights and the detected SD "
-            "version; pass config=... or a component override (e.g. unet={...}) for values "
-            "weights cannot show (attention heads, GroupNorm groups)."
-        ) from None
-    streaming.initialize_deferred(models.values(), pairs)
+    return [
+        ("text_encoder", text, prefix, diffusers_io.TEXT_ENCODER_IGNORED),
+        ("diffusion_model", parts["unet"], "", ()),
+        ("decoder", decoder_state, "", ()),
+        ("image_encoder", encoder_state, "", ()),
+    ]
+
+
+def _load_models(config: dict, parts: dict, source: str) -> dict:
+    """Build the models and stream `parts` (diffusers-layout state dicts) into them.
+
+    The tensors are read and converted in a worker that starts before the build (see
+    `prefetch`), in the order the variables are filled.
+    """
+    order = component_states(parts)
+    dtype = keras.config.dtype_policy().variable_dtype
+    with Prefetch([state[1:] for state in order], dtype) as prefetch:
+        models = streaming.build_models_deferred(config)
+        try:
+            pairs = [
+                pair
+                for attr, state, key_prefix, ignore in order
+                for pair in streaming.match_torch_state(
+                    models[attr], state, source, key_prefix, ignore, prefetch.take
+                )
+            ]
+        except CheckpointError as err:
+            streaming.forget_deferred(models.values())
+            raise CheckpointError(
+                f"{err} The architecture was inferred from the weights and the detected SD "
+                "version; pass config=... or a component override (e.g. unet={...}) for "
+                "values weights cannot show (attention heads, GroupNorm groups)."
+            ) from None
+        streaming.initialize_deferred(models.values(), pairs)
     return models
 
 

@@ -372,15 +372,25 @@ def _moves_data(shape: tuple, permutation: tuple) -> bool:
 
 
 def to_keras_tensor(tensor, variable):
-    """`state_dict.torch_to_keras` producing a backend tensor of the variable's dtype.
-
-    Same rules; the transposes run in the backend, whose blocked, multi-threaded
-    kernels are several times faster than numpy's strided copy (most SD weights are
-    transposed: every convolution and linear layer). On TensorFlow/CPU a tensor that is
-    transposed is read into a reused buffer that the transpose reads in place, so its
-    only new memory is the variable's own.
-    """
+    """`state_dict.torch_to_keras` producing a backend tensor of the variable's dtype."""
     shape, permutation = torch_layout(tensor.shape, variable)
+    return convert_torch_tensor(tensor, shape, permutation, variable.dtype)
+
+
+def convert_torch_tensor(tensor, shape: tuple, permutation: tuple | None, dtype):
+    """A backend tensor of `dtype`: `tensor` viewed as `shape`, then transposed.
+
+    The transposes run in the backend, whose blocked, multi-threaded kernels are several
+    times faster than numpy's strided copy (most SD weights are transposed: every
+    convolution and linear layer). On TensorFlow/CPU a tensor that is transposed is read
+    into a reused buffer that the transpose reads in place, so its only new memory is
+    the result's own.
+
+    Example:
+    >>> t = LazyTensor(lambda: np.arange(6.0).reshape(2, 3), (2, 3), np.dtype("float64"))
+    >>> keras.ops.convert_to_numpy(convert_torch_tensor(t, (2, 3), (1, 0), "float32")).shape
+    (3, 2)
+    """
     if (
         permutation is not None
         and isinstance(tensor, LazyTensor)
@@ -389,16 +399,19 @@ def to_keras_tensor(tensor, variable):
         array = tensor.read(scratch=True).reshape(shape)
         borrowed = backend.borrow_numpy(array)
         if borrowed is not None:
-            return keras.ops.transpose(keras.ops.cast(borrowed, variable.dtype), permutation)
-    value = keras.ops.convert_to_tensor(np.asarray(tensor).reshape(shape), dtype=variable.dtype)
+            return keras.ops.transpose(keras.ops.cast(borrowed, dtype), permutation)
+    value = keras.ops.convert_to_tensor(np.asarray(tensor).reshape(shape), dtype=dtype)
     return value if permutation is None else keras.ops.transpose(value, permutation)
 
 
-def match_torch_state(model, tensors: dict, source: str, prefix: str = "", ignore=()) -> list:
+def match_torch_state(
+    model, tensors: dict, source: str, prefix: str = "", ignore=(), convert=to_keras_tensor
+) -> list:
     """Pair every variable of `model` with its PyTorch-layout tensor, read lazily.
 
     The matching of `state_dict.load_state_dict`, but nothing is read here: the values
-    are produced later, one at a time, by `initialize_deferred`.
+    are produced later, one at a time, by `initialize_deferred`, as `convert(tensor,
+    variable)` (a `prefetch.Prefetch`'s `take` hands over values converted in advance).
 
     Returns:
         `[(variable, value function)]` for `initialize_deferred` (or `assign`).
@@ -413,7 +426,7 @@ def match_torch_state(model, tensors: dict, source: str, prefix: str = "", ignor
             + "; ".join(problems)
             + "."
         )
-    return [(v, functools.partial(to_keras_tensor, t, v)) for v, t in pairs]
+    return [(v, functools.partial(convert, t, v)) for v, t in pairs]
 
 
 def export_lazy(model, prefix: str = "") -> dict:
@@ -432,6 +445,7 @@ __all__ = [
     "LazyTensor",
     "aligned_empty",
     "build_models_deferred",
+    "convert_torch_tensor",
     "export_lazy",
     "forget_deferred",
     "initialize_deferred",
