@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 
-from keras_sd.weights.state_dict import torch_layout
+from keras_sd.weights.state_dict import select_entries, torch_layout
 from keras_sd.weights.streaming import convert_torch_tensor
 
 AHEAD_BYTES = 256 * 1024 * 1024
@@ -66,8 +66,8 @@ class Prefetch:
 
     Args:
         states: `(state_dict, prefix, ignore)` triples in the order their variables
-            will be filled (as `streaming.match_torch_state` pairs them: each state
-            dict's keys sorted); keys without `prefix` or ending in `ignore` are skipped.
+            will be filled (as `streaming.match_torch_state` pairs them: the entries
+            `state_dict.select_entries` picks, sorted by key).
         dtype: the dtype the variables will most likely have.
         budget: bytes the worker may convert ahead of `take`. Default: unlimited on
             TensorFlow (see above), else `AHEAD_BYTES`.
@@ -95,10 +95,7 @@ class Prefetch:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="keras-sd-prefetch")
         self._jobs = {}
         for state, prefix, ignore in states:
-            for key in sorted(state):
-                if not key.startswith(prefix) or key.endswith(tuple(ignore)):
-                    continue
-                tensor = state[key]
+            for key, tensor in sorted(select_entries(state, prefix, ignore).items()):
                 layout = guess_layout(key, tensor.shape)
                 nbytes = math.prod(layout[0]) * np.dtype(self._dtype).itemsize
                 future = self._pool.submit(self._convert, tensor, layout, nbytes)

@@ -139,6 +139,18 @@ def keras_shape(tensor, variable) -> tuple:
     return shape if permutation is None else tuple(shape[axis] for axis in permutation)
 
 
+def select_entries(state_dict: dict, prefix: str = "", ignore=()) -> dict:
+    """The entries of `state_dict` a model is matched against: keys with `prefix`, which
+    is stripped, except those ending in one of the `ignore` suffixes.
+
+    Example:
+    >>> select_entries({"m.a": 1, "m.position_ids": 2, "b": 3}, "m.", ("position_ids",))
+    {'a': 1}
+    """
+    found = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k: v for k, v in found.items() if not k.endswith(tuple(ignore))}
+
+
 def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):
     """Pair the variables of `model` with the entries of a PyTorch-layout state dict.
 
@@ -162,8 +174,7 @@ def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):
     (0, '1 unexpected keys: x.weight')
     """
     targets = named_variables(model)
-    found = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    found = {k: v for k, v in found.items() if not k.endswith(tuple(ignore))}
+    found = select_entries(state_dict, prefix, ignore)
     missing = [prefix + k for k in sorted(set(targets) - set(found))]
     unexpected = [prefix + k for k in sorted(set(found) - set(targets))]
     pairs, mismatched = [], []
