@@ -59,3 +59,40 @@ def test_borrow_numpy_shares_only_aligned_arrays():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")
+
+
+POOL_CHECK = """
+import sys
+if sys.argv[1] == "tensor-first":
+    import tensorflow as tf
+    tf.ones(3)
+import keras_sd
+from keras_sd.backend import host_memory_pooled
+print(host_memory_pooled())
+"""
+
+
+@pytest.mark.parametrize(
+    "setting, order, expected",
+    [
+        (None, "import-first", "True"),  # keras_sd asks for the pooling allocator
+        ("false", "import-first", "False"),  # the user's choice is kept
+        (None, "tensor-first", "False"),  # too late: TensorFlow has chosen already
+    ],
+)
+def test_keras_sd_import_pools_tensorflow_host_memory(setting, order, expected):
+    """Importing keras_sd before TensorFlow's first tensor selects the pooling CPU
+    allocator (see keras_sd/_host_memory.py), and `host_memory_pooled` reports it."""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    if setting is not None:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+    run = subprocess.run(
+        [sys.executable, "-c", POOL_CHECK, order],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == expected
