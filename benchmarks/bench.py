@@ -136,6 +136,13 @@ def parse_args(argv=None):
         help="add keras-sd TensorFlow rows with jit_compile=False (a plain graph)",
     )
     p.add_argument("--torch-compile", action="store_true", help="add diffusers torch.compile rows")
+    p.add_argument(
+        "--tf-allocators",
+        action="store_true",
+        help="add TensorFlow rows with the other CPU allocator: keras-sd with TensorFlow's "
+        "default one (`/tf-default-alloc`), KerasCV with the pooling one keras-sd "
+        "requests (`/pooled`)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke run)")
     p.add_argument(
         "--gpu",
@@ -209,6 +216,8 @@ def variants(args) -> list[dict]:
                             + "/graph" * (jit is False),
                         }
                     )
+                    if backend == "tf" and args.tf_allocators and jit == "auto":
+                        out.append(with_allocator(out[-1], "false", "/tf-default-alloc"))
         if "diffusers" in args.runtimes:
             for compiled in [False, True] if args.torch_compile else [False]:
                 out.append(
@@ -235,17 +244,28 @@ def variants(args) -> list[dict]:
                         "policy": policy,
                         "jit": jit,
                         "name": f"keras-cv/{policy}" + "/xla" * jit,
+                        # Explicit: its worker imports keras_sd (for the vocabulary), which
+                        # would otherwise request the pooling allocator for KerasCV too.
+                        "env": {"TF_CPU_ALLOCATOR_USE_BFC": "false"},
                     }
                 )
+                if args.tf_allocators:
+                    out.append(with_allocator(out[-1], "true", "/pooled"))
     keep = [v for v in out if not any(s in v["name"] for s in args.skip)]
     if args.only:
         keep = [v for v in keep if any(s in v["name"] for s in args.only)]
     return keep
 
 
+def with_allocator(variant: dict, pooled: str, suffix: str) -> dict:
+    """`variant` run with `TF_CPU_ALLOCATOR_USE_BFC=pooled` (see keras_sd/_host_memory.py)."""
+    env = {**variant.get("env", {}), "TF_CPU_ALLOCATOR_USE_BFC": pooled}
+    return {**variant, "env": env, "name": variant["name"] + suffix}
+
+
 # ------------------------------------------------------------------ workers
-def worker_env(backend: str | None = None) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+def worker_env(backend: str | None = None, extra: dict | None = None) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **(extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, env.get("PYTHONPATH")]))
     if backend:
         env["KERAS_BACKEND"] = {"tf": "tensorflow", "jax": "jax"}[backend]
@@ -268,7 +288,7 @@ def run_worker(spec: dict, out_dir: str, timeout: int, backend=None) -> tuple[li
             [sys.executable, os.path.join(HERE, "runners.py"), spec_path],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=worker_env(backend),
+            env=worker_env(backend, spec.get("env")),
         )
         try:
             code = proc.wait(timeout=timeout)
