@@ -237,20 +237,18 @@ def variants(args) -> list[dict]:
                 else [(policy, precision == "float16") for policy in policies[precision]]
             )
             for policy, jit in modes:
-                out.append(
-                    {
-                        "runtime": "keras-cv",
-                        "precision": precision,
-                        "policy": policy,
-                        "jit": jit,
-                        "name": f"keras-cv/{policy}" + "/xla" * jit,
-                        # Explicit: its worker imports keras_sd (for the vocabulary), which
-                        # would otherwise request the pooling allocator for KerasCV too.
-                        "env": {"TF_CPU_ALLOCATOR_USE_BFC": "false"},
-                    }
-                )
+                row = {
+                    "runtime": "keras-cv",
+                    "precision": precision,
+                    "policy": policy,
+                    "jit": jit,
+                    "name": f"keras-cv/{policy}" + "/xla" * jit,
+                }
+                # Explicit: its worker imports keras_sd (for the vocabulary), which would
+                # otherwise request the pooling allocator for KerasCV too.
+                out.append(with_allocator(row, "false", ""))
                 if args.tf_allocators:
-                    out.append(with_allocator(out[-1], "true", "/pooled"))
+                    out.append(with_allocator(row, "true", "/pooled"))
     keep = [v for v in out if not any(s in v["name"] for s in args.skip)]
     if args.only:
         keep = [v for v in keep if any(s in v["name"] for s in args.only)]

@@ -46,19 +46,28 @@ print("ok")
 """
 
 
-def test_borrow_numpy_shares_only_aligned_arrays():
-    """TensorFlow aborts the process on an unaligned DLPack buffer: the check runs
-    in a child so that a regression fails this test instead of killing the suite."""
+def run_tensorflow_child(script: str, *argv: str, allocator: str | None = None) -> str:
+    """Run `script` in a fresh TensorFlow/CPU process and return its stdout.
+    `allocator` sets TF_CPU_ALLOCATOR_USE_BFC; None leaves it unset."""
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    if allocator is not None:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = allocator
     run = subprocess.run(
-        [sys.executable, "-c", BORROW_CHECK],
+        [sys.executable, "-c", script, *argv],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok")
+    return run.stdout
+
+
+def test_borrow_numpy_shares_only_aligned_arrays():
+    """TensorFlow aborts the process on an unaligned DLPack buffer: the check runs
+    in a child so that a regression fails this test instead of killing the suite."""
+    assert run_tensorflow_child(BORROW_CHECK).strip().endswith("ok")
 
 
 POOL_CHECK = """
@@ -83,16 +92,5 @@ print(host_memory_pooled())
 def test_keras_sd_import_pools_tensorflow_host_memory(setting, order, expected):
     """Importing keras_sd before TensorFlow's first tensor selects the pooling CPU
     allocator (see keras_sd/_host_memory.py), and `host_memory_pooled` reports it."""
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
-    if setting is not None:
-        env["TF_CPU_ALLOCATOR_USE_BFC"] = setting
-    run = subprocess.run(
-        [sys.executable, "-c", POOL_CHECK, order],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1] == expected
+    out = run_tensorflow_child(POOL_CHECK, order, allocator=setting)
+    assert out.strip().splitlines()[-1] == expected

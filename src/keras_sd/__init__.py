@@ -8,7 +8,7 @@ Example:
 """
 
 # First: TensorFlow reads its allocator choice when it makes its first tensor.
-from keras_sd import _host_memory  # noqa: F401  (isort: skip)
+from keras_sd import _host_memory  # noqa: F401
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder

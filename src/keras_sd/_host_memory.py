@@ -20,19 +20,5 @@ import os
 
 POOL_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
 
-
-def request_pooled_host_memory() -> bool:
-    """Set `TF_CPU_ALLOCATOR_USE_BFC=true` unless it is already set; True if pooling
-    is what the variable now asks for.
-
-    It takes effect only if TensorFlow has not made a tensor yet in this process;
-    `keras_sd.backend.host_memory_pooled()` tells whether it did.
-
-    Example:
-    >>> request_pooled_host_memory() == (os.environ[POOL_VARIABLE].lower() in ("1", "true"))
-    True
-    """
-    return os.environ.setdefault(POOL_VARIABLE, "true").strip().lower() in ("1", "true")
-
-
-request_pooled_host_memory()
+# Whether it took effect: `keras_sd.backend.host_memory_pooled()`.
+os.environ.setdefault(POOL_VARIABLE, "true")
