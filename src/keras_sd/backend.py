@@ -12,6 +12,7 @@ program and every backend caches one program per input shape.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import keras
 
@@ -29,9 +30,17 @@ def validate_jit_compile(jit_compile) -> None:
 # on 2-core CPUs (benchmarks/RESULTS.md): a full SD 1.5 UNet step runs 20-27% faster
 # under XLA than as a plain graph and the VAE decoder ~20% faster, for 8-15 s more
 # compile time on the first call; the bundled ~20M-parameter model gains 0.6 s per image
-# but compiles 5 s longer, which a one-off `keras-sd generate` would pay. In bfloat16
-# XLA was slower than the plain graph (issue 6), so low precision stays a graph.
+# but compiles 5 s longer, which a one-off `keras-sd generate` would pay. In low
+# precision the answer depends on the CPU: with native bfloat16 instructions (AVX-512
+# BF16) XLA was slower than the plain graph (issue 6), without them the plain graph's
+# emulated kernels were 2.5x slower than XLA (bfloat16 and float16 alike).
 XLA_CPU_MIN_PARAMS = 100_000_000
+
+# /proc/cpuinfo flags (x86) and features (Arm) of instructions that compute a dtype.
+_NATIVE_CPU_FLAGS = {
+    "bfloat16": {"avx512_bf16", "amx_bf16", "bf16"},
+    "float16": {"avx512_fp16", "amx_fp16"},
+}
 
 
 def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
@@ -39,10 +48,11 @@ def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
     `jax.jit` (JAX) or `torch.compile` (PyTorch), False for a plain TensorFlow graph or
     eager PyTorch.
 
-    "auto" is XLA on GPUs; on CPUs, XLA for float32 models of at least
-    `XLA_CPU_MIN_PARAMS` parameters (the faster choice there, measured) and a plain
-    graph otherwise; PyTorch stays eager (its compiler takes minutes on CPU) and JAX
-    is always jitted.
+    "auto" is XLA on GPUs. On CPUs it is XLA for models of at least
+    `XLA_CPU_MIN_PARAMS` parameters, except in a low precision the CPU computes
+    natively (`cpu_native_dtypes`), where TensorFlow's plain graph was measured faster;
+    smaller models get the plain graph (compiling would cost more than it saves).
+    PyTorch stays eager (its compiler takes minutes on CPU) and JAX is always jitted.
 
     Args:
         jit_compile: True, False or "auto".
@@ -53,7 +63,7 @@ def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
     >>> resolve_jit_compile(False)
     False
     >>> always = keras.backend.backend() == "jax" or has_accelerator()
-    >>> resolve_jit_compile("auto", "bfloat16") == always
+    >>> resolve_jit_compile("auto", "float32", params=1000) == always
     True
     """
     validate_jit_compile(jit_compile)
@@ -67,7 +77,45 @@ def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
     if has_accelerator():
         return True
     dtype = compute_dtype or keras.config.dtype_policy().compute_dtype
-    return dtype == "float32" and (params is None or params >= XLA_CPU_MIN_PARAMS)
+    if params is not None and params < XLA_CPU_MIN_PARAMS:
+        return False
+    return dtype not in cpu_native_dtypes()
+
+
+def cpu_native_dtypes(cpuinfo: str | None = None) -> frozenset:
+    """The low-precision dtypes ("bfloat16", "float16") this CPU has arithmetic for.
+
+    Without such instructions (most CPUs before AVX-512 BF16/FP16 or AMX) a backend
+    emulates them: TensorFlow's plain-graph kernels then ran an SD UNet 2.5x slower
+    than in float32, XLA's at about float32 speed (benchmarks/RESULTS.md).
+
+    Args:
+        cpuinfo: the text of `/proc/cpuinfo`; default: read it (Linux). Where it cannot
+            be read the answer is an empty set.
+
+    Example:
+    >>> sorted(cpu_native_dtypes("flags : fpu sse2 avx2 avx512f avx512_bf16"))
+    ['bfloat16']
+    >>> cpu_native_dtypes("flags : fpu sse2 avx2 fma")
+    frozenset()
+    """
+    if cpuinfo is None:
+        return _this_cpu_native_dtypes()
+    flags = set()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(d for d, names in _NATIVE_CPU_FLAGS.items() if flags & names)
+
+
+@functools.cache
+def _this_cpu_native_dtypes() -> frozenset:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_native_dtypes(f.read())
+    except OSError:
+        return frozenset()
 
 
 def has_accelerator() -> bool:
