@@ -16,6 +16,7 @@ from keras_sd.models.layers import (
     TimestepEmbedding,
     Transformer2D,
     Upsample2D,
+    dot_product_attention,
     timestep_embedding,
 )
 from keras_sd.weights.state_dict import load_state_dict, named_variables
@@ -120,3 +121,35 @@ def test_attention_upcast_avoids_float16_overflow():
         outputs.append(keras.ops.convert_to_numpy(attn(x)).astype(np.float32))
     assert np.isfinite(outputs[1]).all()
     np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-2)
+
+
+# (is_causal, context length): self-, cross- and causal self-attention (CLIP's).
+@pytest.mark.parametrize("is_causal, context_length", [(False, None), (False, 5), (True, None)])
+def test_dot_product_attention_matches_torch_sdpa(is_causal, context_length):
+    """float32 against PyTorch's attention; bfloat16 inputs within bfloat16 rounding."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 7, 3, 8)).astype("float32") * 2
+    k, v = (rng.standard_normal((2, context_length or 7, 3, 8)).astype("float32") for _ in "kv")
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(t).transpose(1, 2) for t in (q, k, v)), is_causal=is_causal
+    ).transpose(1, 2)
+    got = dot_product_attention(q, k, v, is_causal=is_causal)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected.numpy(), atol=1e-5)
+    low = dot_product_attention(*(keras.ops.cast(t, "bfloat16") for t in (q, k, v)), is_causal)
+    assert keras.backend.standardize_dtype(low.dtype) == "bfloat16"
+    low = keras.ops.convert_to_numpy(keras.ops.cast(low, "float32"))
+    np.testing.assert_allclose(low, expected.numpy(), atol=0.05)
+
+
+def test_tensorflow_attention_uses_batched_matmul_not_einsum():
+    """TensorFlow's bfloat16 einsum kernel is 8x slower on CPU than its batched matmul
+    (measured); the graph must contain the matmuls and no einsum."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the einsum/matmul choice is TensorFlow's")
+    import tensorflow as tf
+
+    x = tf.ones((1, 4, 2, 8), "bfloat16")
+    graph = tf.function(dot_product_attention).get_concrete_function(x, x, x).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert "BatchMatMulV2" in kinds or "BatchMatMulV3" in kinds
+    assert "Einsum" not in kinds

@@ -18,6 +18,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from keras_sd.models.layers import dot_product_attention
+
 SD1_CONFIG = {
     "vocab_size": 49408,
     "max_length": 77,
@@ -147,10 +149,10 @@ class CLIPEncoderLayer(layers.Layer):
         q = self._split_heads(self.q_proj(h))
         k = self._split_heads(self.k_proj(h))
         v = self._split_heads(self.v_proj(h))
-        # The TF and JAX backends compute the logits and softmax in float32 even for
-        # float16 inputs, so no explicit upcast is needed here; is_causal keeps each
-        # token blind to later ones, as in CLIP's text tower.
-        attn = ops.dot_product_attention(q, k, v, is_causal=True)  # [B, L, N, H]
+        # The softmax runs in float32 even for float16 inputs, so no explicit upcast is
+        # needed here; is_causal keeps each token blind to later ones, as in CLIP's
+        # text tower.
+        attn = dot_product_attention(q, k, v, is_causal=True)  # [B, L, N, H]
         x = x + self.out_proj(ops.reshape(attn, (batch, length, self.hidden_dim)))
         h = self.fc2(self._activation_fn(self.fc1(self.layer_norm2(x))))
         return x + h
