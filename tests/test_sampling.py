@@ -105,8 +105,8 @@ def test_progress_reports_every_step_without_retracing(jit_compile, num_steps):
 
 def test_auto_compile_mode_follows_device_precision_and_size(monkeypatch):
     """On a CPU, "auto" is XLA for large models, except in a low precision the CPU has
-    instructions for (the plain graph was measured faster there, and 2.5x slower
-    without them)."""
+    instructions for (the plain graph was measured faster there, and slower without
+    them)."""
     import keras
 
     from keras_sd import backend

@@ -32,8 +32,10 @@ def validate_jit_compile(jit_compile) -> None:
 # compile time on the first call; the bundled ~20M-parameter model gains 0.6 s per image
 # but compiles 5 s longer, which a one-off `keras-sd generate` would pay. In low
 # precision the answer depends on the CPU: with native bfloat16 instructions (AVX-512
-# BF16) XLA was slower than the plain graph (issue 6), without them the plain graph's
-# emulated kernels were 2.5x slower than XLA (bfloat16 and float16 alike).
+# BF16) XLA was slower than the plain graph (issue 6); without them (an AVX2 CPU) the
+# graph was slower: the SD 1.5 UNet call 1.25x and the 256 px image 1.22x in bfloat16
+# (float16 was measured only with Keras' einsum attention, before `dot_product_attention`
+# replaced it on TensorFlow: the UNet call 1.3x slower as a graph).
 XLA_CPU_MIN_PARAMS = 100_000_000
 
 # /proc/cpuinfo flags (x86) and features (Arm) of instructions that compute a dtype.
@@ -86,8 +88,9 @@ def cpu_native_dtypes(cpuinfo: str | None = None) -> frozenset:
     """The low-precision dtypes ("bfloat16", "float16") this CPU has arithmetic for.
 
     Without such instructions (most CPUs before AVX-512 BF16/FP16 or AMX) a backend
-    emulates them: TensorFlow's plain-graph kernels then ran an SD UNet 2.5x slower
-    than in float32, XLA's at about float32 speed (benchmarks/RESULTS.md).
+    emulates them: on such a CPU TensorFlow's plain graph ran the SD 1.5 UNet 1.25x
+    slower than XLA in bfloat16, where XLA ran at about float32 speed
+    (benchmarks/RESULTS.md).
 
     Args:
         cpuinfo: the text of `/proc/cpuinfo`; default: read it (Linux). Where it cannot
