@@ -149,9 +149,9 @@ class CLIPEncoderLayer(layers.Layer):
         q = self._split_heads(self.q_proj(h))
         k = self._split_heads(self.k_proj(h))
         v = self._split_heads(self.v_proj(h))
-        # The softmax runs in float32 even for float16 inputs, so no explicit upcast is
-        # needed here; is_causal keeps each token blind to later ones, as in CLIP's
-        # text tower.
+        # On TensorFlow and JAX the softmax runs in float32 even for float16 inputs, so
+        # no explicit upcast is needed here; is_causal keeps each token blind to later
+        # ones, as in CLIP's text tower.
         attn = dot_product_attention(q, k, v, is_causal=True)  # [B, L, N, H]
         x = x + self.out_proj(ops.reshape(attn, (batch, length, self.hidden_dim)))
         h = self.fc2(self._activation_fn(self.fc1(self.layer_norm2(x))))
