@@ -139,6 +139,8 @@ def test_dot_product_attention_matches_torch_sdpa(is_causal, context_length):
     assert keras.backend.standardize_dtype(low.dtype) == "bfloat16"
     low = keras.ops.convert_to_numpy(keras.ops.cast(low, "float32"))
     np.testing.assert_allclose(low, expected.numpy(), atol=0.05)
+    with pytest.raises(ValueError, match="key must be 4-D"):
+        dot_product_attention(q, k[0], v)
 
 
 def test_tensorflow_attention_uses_batched_matmul_not_einsum():

@@ -29,6 +29,12 @@ def dot_product_attention(query, key, value, is_causal: bool = False):
     >>> tuple(dot_product_attention(q, q, q, is_causal=True).shape)
     (1, 3, 2, 4)
     """
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if len(tensor.shape) != 4:
+            raise ValueError(
+                f"dot_product_attention: {name} must be 4-D [batch, length, heads, "
+                f"head_dim]; received shape {tuple(tensor.shape)}."
+            )
     if keras.backend.backend() != "tensorflow":
         return ops.dot_product_attention(query, key, value, is_causal=is_causal)
     q = ops.transpose(query, (0, 2, 1, 3))  # [B, N, T, H]
