@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
 
 import numpy as np
@@ -22,6 +23,16 @@ VERSIONS = (
 )
 
 
+def gpus() -> list:
+    """Name, memory and driver of each NVIDIA GPU (nvidia-smi), [] without one."""
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
 def environment() -> dict:
     def version(name):
         try:
@@ -37,6 +48,7 @@ def environment() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gb": round(mem_kb / 1024**2, 1),
+        "gpus": gpus(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {n: version(n) for n in VERSIONS},
