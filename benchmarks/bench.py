@@ -135,6 +135,12 @@ def parse_args(argv=None):
         action="store_true",
         help="add keras-sd TensorFlow rows with jit_compile=False (a plain graph)",
     )
+    p.add_argument(
+        "--conv-direct",
+        action="store_true",
+        help="add keras-sd rows with every convolution direct (`/direct-conv`: no "
+        "Winograd, see keras_sd.models.layers.set_conv_algorithm)",
+    )
     p.add_argument("--torch-compile", action="store_true", help="add diffusers torch.compile rows")
     p.add_argument(
         "--tf-allocators",
@@ -216,8 +222,12 @@ def variants(args) -> list[dict]:
                             + "/graph" * (jit is False),
                         }
                     )
+                    row = out[-1]
                     if backend == "tf" and args.tf_allocators and jit == "auto":
-                        out.append(with_allocator(out[-1], "false", "/tf-default-alloc"))
+                        out.append(with_allocator(row, "false", "/tf-default-alloc"))
+                    if args.conv_direct and jit == "auto":
+                        direct = {"conv_algorithm": "direct", "name": row["name"] + "/direct-conv"}
+                        out.append({**row, **direct})
         if "diffusers" in args.runtimes:
             for compiled in [False, True] if args.torch_compile else [False]:
                 out.append(

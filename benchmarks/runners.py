@@ -266,7 +266,9 @@ def run_keras_sd(spec, emit, monitor):
     keras.mixed_precision.set_global_policy(spec["policy"])
     import keras_sd
     from keras_sd import backend
+    from keras_sd.models.layers import set_conv_algorithm
 
+    set_conv_algorithm(spec.get("conv_algorithm", "auto"))
     t0 = time.perf_counter()
     first = spec["cases"][0]["size"]
     sd = keras_sd.StableDiffusion.from_checkpoint(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import keras
 
@@ -224,11 +225,12 @@ def compile_function(fn, jit_compile=True):
     if name == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=resolve_jit_compile(jit_compile))
+        xla = resolve_jit_compile(jit_compile)
+        return tf.function(_traced_for_xla(fn) if xla else fn, jit_compile=xla)
     if name == "jax":
         import jax
 
-        return jax.jit(fn)
+        return jax.jit(_traced_for_xla(fn))
     if name == "torch":
         import torch
 
@@ -236,6 +238,35 @@ def compile_function(fn, jit_compile=True):
             return torch.compile(fn)
         return torch.no_grad()(fn)
     return fn
+
+
+_xla_trace = threading.local()
+
+
+def tracing_for_xla() -> bool:
+    """Whether the code running now is being traced into an XLA program by
+    `compile_function` (TensorFlow with XLA, or JAX).
+
+    Layers read this at trace time to pick formulations that only pay once XLA fuses
+    their elementwise work (see `keras_sd.models.layers.Conv3x3`).
+
+    Example:
+    >>> tracing_for_xla()
+    False
+    """
+    return getattr(_xla_trace, "depth", 0) > 0
+
+
+def _traced_for_xla(fn):
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        _xla_trace.depth = getattr(_xla_trace, "depth", 0) + 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _xla_trace.depth -= 1
+
+    return traced
 
 
 def model_state(model):

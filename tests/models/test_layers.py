@@ -10,6 +10,7 @@ from conftest import max_abs_normalized_error
 from keras_sd.models.layers import (
     Attention,
     BasicTransformerBlock,
+    Conv3x3,
     Downsample2D,
     GroupNorm,
     ResnetBlock,
@@ -29,6 +30,7 @@ CONTEXT = (None, None, 12)
 # (layer, build shapes): one of each class, built like its parents build it.
 LAYERS = [
     (GroupNorm(4, 1e-6), (SPATIAL,)),
+    (Conv3x3(8), (SPATIAL,)),
     (ResnetBlock(32, norm_groups=4), (SPATIAL, (None, 64))),
     (Downsample2D(padding=0), (SPATIAL,)),
     (Upsample2D(), (SPATIAL,)),

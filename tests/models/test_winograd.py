@@ -1,0 +1,133 @@
+"""Winograd F(2x2, 3x3) convolutions: exact up to rounding, and used only where chosen."""
+
+import keras
+import numpy as np
+import pytest
+import torch
+
+from keras_sd import backend
+from keras_sd.models import layers
+from keras_sd.models.layers import Conv3x3, set_conv_algorithm, winograd_conv3x3
+
+BACKEND = keras.backend.backend()
+
+
+@pytest.fixture
+def algorithm():
+    """Restores the module-wide choice after a test changes it."""
+    previous = set_conv_algorithm("auto")
+    yield set_conv_algorithm
+    set_conv_algorithm(previous)
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch):
+    """Counts the layer's calls of `winograd_conv3x3` (at trace time when compiled)."""
+    calls = []
+
+    def counted(x, kernel):
+        calls.append(tuple(x.shape))
+        return winograd_conv3x3(x, kernel)
+
+    monkeypatch.setattr(layers, "winograd_conv3x3", counted)
+    return calls
+
+
+def torch_conv3x3(x, kernel, bias=None):
+    """PyTorch's convolution (padding 1) on channels-last numpy arrays."""
+    out = torch.nn.functional.conv2d(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        torch.from_numpy(kernel).permute(3, 2, 0, 1),
+        None if bias is None else torch.from_numpy(bias),
+        padding=1,
+    )
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def random(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+SHAPES = [((1, 4, 4, 1), 1), ((2, 6, 10, 5), 7), ((3, 16, 8, 32), 24)]
+
+
+@pytest.mark.parametrize("shape, cout", SHAPES)
+def test_winograd_matches_torch_convolution(shape, cout):
+    x, kernel = random(shape, 0), random((3, 3, shape[-1], cout), 1)
+    out = keras.ops.convert_to_numpy(winograd_conv3x3(x, kernel))
+    expected = torch_conv3x3(x, kernel)
+    # float32 rounding only: ~1e-6 of the largest output was measured.
+    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_winograd_needs_even_static_sizes():
+    with pytest.raises(ValueError, match="even height and width"):
+        winograd_conv3x3(random((1, 5, 4, 2), 0), random((3, 3, 2, 2), 1))
+
+
+def test_conv_algorithm_is_validated(algorithm):
+    with pytest.raises(ValueError, match="'auto', 'direct', 'winograd'"):
+        algorithm("fast")
+    with pytest.raises(ValueError, match="strides 1"):
+        Conv3x3(4, strides=2)
+
+
+def run_layer(x, jit=None, dtype="float32"):
+    """A fresh Conv3x3 on `x`: eager (jit None) or through `compile_function(jit)`."""
+    conv = Conv3x3(6, dtype=dtype)
+    conv.build(x.shape)
+    keras.utils.set_random_seed(3)
+    conv.bias.assign(keras.random.normal(conv.bias.shape))
+    x = keras.ops.cast(x, conv.compute_dtype)
+    if jit is None:
+        out = conv(x)
+    else:
+        out = backend.compile_function(backend.stateless(conv), jit)(backend.model_state(conv), x)
+    weights = [keras.ops.convert_to_numpy(v).astype(np.float32) for v in (conv.kernel, conv.bias)]
+    return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")), weights
+
+
+# Tiles: batch x H/2 x W/2, against WINOGRAD_MIN_TILES (256).
+LARGE, SMALL = (1, 32, 32, 4), (1, 16, 30, 4)
+
+
+def test_auto_uses_winograd_under_xla_in_float32_for_large_inputs(algorithm, winograd_calls):
+    x = random(LARGE, 0)
+    out, (kernel, bias) = run_layer(x, jit=True)
+    np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
+    # XLA traces: TensorFlow with jit_compile, and JAX always; torch.compile is not XLA.
+    assert winograd_calls == ([LARGE] if BACKEND in ("tensorflow", "jax") else [])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["eager", "graph", "small input", "bfloat16", "direct chosen", "accelerator"],
+)
+def test_auto_keeps_the_direct_convolution(case, algorithm, winograd_calls, monkeypatch):
+    x, jit, dtype = random(LARGE, 0), True, "float32"
+    if case == "eager":
+        jit = None
+    elif case == "graph":
+        if BACKEND == "jax":
+            pytest.skip("JAX has no compiled mode other than XLA")
+        jit = False
+    elif case == "small input":
+        x = random(SMALL, 0)
+    elif case == "bfloat16":
+        dtype = "bfloat16"
+    elif case == "direct chosen":
+        algorithm("direct")
+    else:
+        monkeypatch.setattr(backend, "has_accelerator", lambda: True)
+    out, (kernel, bias) = run_layer(x, jit=jit, dtype=dtype)
+    assert winograd_calls == []
+    tolerance = 0.1 if dtype == "bfloat16" else 1e-4
+    np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=tolerance, rtol=0.02)
+
+
+def test_winograd_chosen_applies_everywhere(algorithm, winograd_calls):
+    algorithm("winograd")
+    x = random(SMALL, 0)
+    out, (kernel, bias) = run_layer(x)
+    assert winograd_calls == [SMALL]
+    np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
