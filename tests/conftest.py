@@ -45,3 +45,20 @@ def _seed_everything():
 
     keras.utils.set_random_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch):
+    """Records the input shape of each call of `layers.winograd_conv3x3` by a layer
+    (at trace time when compiled)."""
+    from keras_sd.models import layers
+
+    calls = []
+    winograd = layers.winograd_conv3x3
+
+    def counted(x, kernel):
+        calls.append(tuple(x.shape))
+        return winograd(x, kernel)
+
+    monkeypatch.setattr(layers, "winograd_conv3x3", counted)
+    return calls

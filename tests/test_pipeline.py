@@ -190,20 +190,17 @@ def test_jit_compile_matches_diffusers(tmp_path):
     assert_close(run_comparison(tmp_path, jit_compile=True))
 
 
-def test_winograd_convolutions_match_diffusers(tmp_path, monkeypatch):
+def test_winograd_convolutions_match_diffusers(tmp_path, winograd_calls):
     """Every 3x3 convolution of the UNet and VAE by Winograd (the tiny model's inputs
     are below the "auto" size threshold, so it is chosen explicitly)."""
-    from keras_sd.models import layers
+    from keras_sd.models.layers import set_conv_algorithm
 
-    calls = []
-    winograd = layers.winograd_conv3x3
-    monkeypatch.setattr(layers, "winograd_conv3x3", lambda *a: calls.append(1) or winograd(*a))
-    previous = layers.set_conv_algorithm("winograd")
+    previous = set_conv_algorithm("winograd")
     try:
         assert_close(run_comparison(tmp_path, jit_compile=True))
     finally:
-        layers.set_conv_algorithm(previous)
-    assert len(calls) > 10
+        set_conv_algorithm(previous)
+    assert len(winograd_calls) > 10
 
 
 if __name__ == "__main__":

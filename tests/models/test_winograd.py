@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from keras_sd import backend
-from keras_sd.models import layers
 from keras_sd.models.layers import Conv3x3, set_conv_algorithm, winograd_conv3x3
 
 BACKEND = keras.backend.backend()
@@ -18,19 +17,6 @@ def algorithm():
     previous = set_conv_algorithm("auto")
     yield set_conv_algorithm
     set_conv_algorithm(previous)
-
-
-@pytest.fixture
-def winograd_calls(monkeypatch):
-    """Counts the layer's calls of `winograd_conv3x3` (at trace time when compiled)."""
-    calls = []
-
-    def counted(x, kernel):
-        calls.append(tuple(x.shape))
-        return winograd_conv3x3(x, kernel)
-
-    monkeypatch.setattr(layers, "winograd_conv3x3", counted)
-    return calls
 
 
 def torch_conv3x3(x, kernel, bias=None):

@@ -186,22 +186,20 @@ class Conv3x3(layers.Conv2D):
             and h % 2 == 0
             and w % 2 == 0
         )
-        if algorithm != "auto" or not eligible:
-            return eligible and algorithm == "winograd"
-        return (
+        if not eligible or algorithm == "direct":
+            return False
+        return algorithm == "winograd" or (
             backend.tracing_for_xla()
             and self.compute_dtype == "float32"
             and n * (h // 2) * (w // 2) >= WINOGRAD_MIN_TILES
             and not backend.has_accelerator()
         )
 
-    def call(self, inputs):
+    def convolution_op(self, inputs, kernel):
+        # Keras' Conv2D.call adds the bias and activation around this.
         if not self._use_winograd(inputs):
-            return super().call(inputs)
-        out = winograd_conv3x3(inputs, ops.cast(self.kernel, inputs.dtype))
-        if self.use_bias:
-            out = out + ops.cast(self.bias, out.dtype)
-        return out if self.activation is None else self.activation(out)
+            return super().convolution_op(inputs, kernel)
+        return winograd_conv3x3(inputs, ops.cast(kernel, inputs.dtype))
 
     def get_config(self):
         config = super().get_config()
