@@ -108,7 +108,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256], help="image side, pixels")
     p.add_argument("--steps", type=int, default=3, help="DDIM steps per image")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per call")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="images per call (default 1; 1 4 with --gpu)",
+    )
     p.add_argument(
         "--precision",
         nargs="+",
@@ -184,8 +190,10 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=int, default=3600, help="seconds per worker process")
     args = p.parse_args(argv)
     if args.gpu:
-        args.sizes, args.steps, args.batch = [512], 50, [1, 4]
+        args.sizes, args.steps = [512], 50
+        args.batch = args.batch or [1, 4]
         args.precision, args.torch_compile = ["float16"], True
+    args.batch = args.batch or [1]
     if args.precision is None:
         args.precision = ["float32"] if args.tiny else ["float32", "bfloat16"]
     if args.runtimes is None:

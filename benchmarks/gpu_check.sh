@@ -1,8 +1,9 @@
 #!/bin/bash
 # GPU check in one call, for a GPU machine without TensorFlow (KerasCV needs it, so it is
-# absent): keras-sd on JAX against diffusers eager (SDPA) at the GPU settings, the
-# float16 precision tests on the GPU, then diffusers with torch.compile merged into the
-# same table. Wheels in .whl/ (keras, diffusers, ftfy, ...) are installed to /tmp/site
+# absent): keras-sd on JAX against diffusers eager (SDPA) at the GPU settings, then
+# diffusers with torch.compile at batch 1 merged into the same table (it compiles once
+# per shape, so it gets most of what is left), then the float16 precision tests on the
+# GPU while time remains. Wheels in .whl/ (keras, diffusers, ftfy, ...) are installed to /tmp/site
 # first when present. Results land in $OUT (default /tmp/out).
 #     bash benchmarks/gpu_check.sh
 T0=$(date +%s)
@@ -17,19 +18,23 @@ print('jax', jax.__version__, jax.devices()); print('keras', keras.__version__, 
 print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0)); print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)
 import keras_sd; print('keras_sd ok, accelerator:', keras_sd.backend.has_accelerator())
 "; } 2>&1 | tee $OUT/env.txt
-B="python3 benchmarks/bench.py ${BENCH_ARGS:---gpu --batch 1} --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
+B="python3 benchmarks/bench.py ${BENCH_ARGS:---gpu} --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
 echo "== bench A at $(el) s"
 timeout ${LIMIT_A:-330} $B --runtimes keras-sd-jax diffusers --skip compile --timeout 240 --out-dir /tmp/benchA 2>&1 | tee $OUT/benchA.txt
 echo "== bench A end at $(el) s"
 (cd /tmp/benchA && tar czf $OUT/benchA-files.tgz . ) 2>/dev/null
-echo "== tests at $(el) s"
-timeout ${LIMIT_T:-100} python3 -m pytest -q -p no:cacheprovider --no-header -rA -k "mixed_float16 or float16_policy" \
-  tests/models/test_unet.py tests/models/test_vae.py tests/models/test_clip_text.py tests/test_pipeline.py 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40 | tee $OUT/tests.txt
 LEFT=$(( TOTAL - $(el) ))
-echo "== bench B (torch.compile) at $(el) s, ${LEFT} s left"
+echo "== bench B (torch.compile, batch 1) at $(el) s, ${LEFT} s left"
 MERGE=""; [ -f /tmp/benchA/results.json ] && MERGE="--merge /tmp/benchA/results.json"
+B1="python3 benchmarks/bench.py ${BENCH_B_ARGS:---gpu --batch 1} --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
 if [ $LEFT -gt 60 ]; then
-  timeout $((LEFT - 15)) $B --runtimes diffusers --only compile --timeout $((LEFT - 25)) --out-dir /tmp/benchB $MERGE 2>&1 | tee $OUT/benchB.txt
+  TB=$(( LEFT - ${TESTS_RESERVE:-110} )); [ $TB -ge 60 ] || TB=$(( LEFT - 15 ))
+  timeout $TB $B1 --runtimes diffusers --only compile --timeout $((TB - 10)) --out-dir /tmp/benchB $MERGE 2>&1 | tee $OUT/benchB.txt
 fi
 (cd /tmp/benchB && tar czf $OUT/benchB-files.tgz . ) 2>/dev/null
+LEFT=$(( TOTAL - $(el) ))
+echo "== tests at $(el) s, ${LEFT} s left"
+# progress bars end in carriage returns: split on them before filtering them out
+[ $LEFT -gt 30 ] && timeout $((LEFT - 10)) python3 -m pytest -q -p no:cacheprovider --no-header -rfE --tb=short -k "mixed_float16 or float16_policy" \
+  tests/models/test_unet.py tests/models/test_vae.py tests/models/test_clip_text.py tests/test_pipeline.py 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -60 | tee $OUT/tests.txt
 echo "== done at $(el) s"
