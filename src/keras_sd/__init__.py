@@ -7,26 +7,46 @@ Example:
 (1, 64, 64, 3)
 """
 
+import importlib
+
 # First: TensorFlow reads its allocator choice when it makes its first tensor.
 from keras_sd import _host_memory  # noqa: F401
-from keras_sd.models.clip_text import CLIPTextEncoder
-from keras_sd.models.unet import UNet
-from keras_sd.models.vae import VAEDecoder, VAEEncoder
-from keras_sd.pipeline import StableDiffusion
-from keras_sd.schedulers import DDIMScheduler
-from keras_sd.tokenizer import CLIPTokenizer
-from keras_sd.weights.diffusers import export_components, load_components
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CLIPTextEncoder",
-    "CLIPTokenizer",
-    "DDIMScheduler",
-    "StableDiffusion",
-    "UNet",
-    "VAEDecoder",
-    "VAEEncoder",
-    "export_components",
-    "load_components",
-]
+# Public names and the modules defining them, imported on first use: `import keras_sd`
+# (and so the `keras-sd` command's start, argument errors and --help) does not import
+# Keras and its backend until something needs them.
+_EXPORTS = {
+    "CLIPTextEncoder": "keras_sd.models.clip_text",
+    "CLIPTokenizer": "keras_sd.tokenizer",
+    "DDIMScheduler": "keras_sd.schedulers",
+    "StableDiffusion": "keras_sd.pipeline",
+    "UNet": "keras_sd.models.unet",
+    "VAEDecoder": "keras_sd.models.vae",
+    "VAEEncoder": "keras_sd.models.vae",
+    "export_components": "keras_sd.weights.diffusers",
+    "load_components": "keras_sd.weights.diffusers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("__"):
+        try:  # a submodule, e.g. `keras_sd.backend` after only `import keras_sd`
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -20,6 +20,7 @@ import numpy as np
 
 DEFAULT_PRESET = "tiny-shapes"
 SCHEDULERS = ("ddim",)
+JIT_CHOICES = {"auto": "auto", "true": True, "false": False}
 LAYOUTS = ("compvis", "diffusers")
 
 
@@ -57,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", default=None, help=f"named model (default {DEFAULT_PRESET})")
     source.add_argument("--checkpoint", default=None, help="checkpoint file or diffusers folder")
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    gen.add_argument(
+        "--jit-compile",
+        choices=tuple(JIT_CHOICES),
+        default="auto",
+        help="XLA for the sampling loop: auto (by device, precision and model size), true, false",
+    )
+    cache = gen.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="folder for compiled XLA programs, reused by later runs (default: "
+        "$KERAS_SD_COMPILE_CACHE or ~/.cache/keras-sd/xla/...)",
+    )
+    cache.add_argument(
+        "--no-compile-cache", action="store_true", help="compile afresh, store nothing"
+    )
 
     conv = commands.add_parser(
         "convert",
@@ -124,17 +142,20 @@ def save_image(image: np.ndarray, path: str) -> None:
 def _load_model(args):
     from keras_sd import StableDiffusion
 
+    jit = JIT_CHOICES[args.jit_compile]
     if args.checkpoint:
         if not os.path.exists(args.checkpoint):
             raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
-        return StableDiffusion.from_checkpoint(args.checkpoint)
-    return StableDiffusion.from_preset(args.preset or DEFAULT_PRESET)
+        return StableDiffusion.from_checkpoint(args.checkpoint, jit_compile=jit)
+    return StableDiffusion.from_preset(args.preset or DEFAULT_PRESET, jit_compile=jit)
 
 
 def generate(args) -> int:
-    from keras_sd import presets
-
     _check_output(args.output)
+    from keras_sd import backend, presets
+
+    if not args.no_compile_cache:
+        backend.enable_compile_cache(args.compile_cache)  # before any tensor exists
     preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
     if preset is not None and preset not in presets.preset_names():
         raise UsageError(f"unknown --preset {preset!r}; choose one of {presets.preset_names()}")
@@ -194,6 +215,11 @@ COMMANDS = {"generate": generate, "convert": convert}
 def main(argv=None) -> int:
     """Entry point of the `keras-sd` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # Nothing has imported TensorFlow yet (`keras_sd` imports its backend lazily). Its C++
+    # start-up lines are noise here, and so is the error line it logs for every program
+    # it loads from the compile cache (it tries the text format before the binary one):
+    # quiet unless the user chose a level.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
