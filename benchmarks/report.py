@@ -145,7 +145,7 @@ def startup_table(startup: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for key, r in startup.items():
-        if key == "cli":
+        if key.startswith("cli"):
             continue
         name = r["runtime"]
         if "error" in r:
@@ -156,12 +156,15 @@ def startup_table(startup: dict) -> str:
             f"{fmt(r['load_s'], 1)} | {fmt(r['build_load_s'], 1)} | "
             f"{fmt(r['max_rss_gb'])} |"
         )
-    cli = startup["cli"]
-    lines.append("")
-    lines.append(
-        f"`{cli['command']}`: progress bar (loop starts) after "
-        f"{fmt(cli.get('loop_start_s'), 1)} s, first denoising step done after "
-        f"{fmt(cli.get('first_step_s'), 1)} s, exit after {fmt(cli['exit_s'], 1)} s"
-        + (f"; FAILED: {cli['error']}" if "error" in cli else "")
-    )
+    for key, when in (("cli", "compiling"), ("cli-cached", "again, programs from its cache")):
+        if key not in startup:
+            continue
+        cli = startup[key]
+        lines.append("")
+        lines.append(
+            f"`{cli['command']}` ({when}): progress bar (loop starts) after "
+            f"{fmt(cli.get('loop_start_s'), 1)} s, first denoising step done after "
+            f"{fmt(cli.get('first_step_s'), 1)} s, exit after {fmt(cli['exit_s'], 1)} s"
+            + (f"; FAILED: {cli['error']}" if "error" in cli else "")
+        )
     return "\n".join(lines)
