@@ -234,7 +234,7 @@ def default_compile_cache_dir() -> str:
 def _tensorflow_started() -> bool:
     from tensorflow.python.eager import context  # imported by Keras already
 
-    return context.context()._context_handle is not None
+    return getattr(context.context(), "_context_handle", None) is not None
 
 
 def enable_compile_cache(directory=None) -> str | None:

@@ -154,11 +154,11 @@ def generate(args) -> int:
     _check_output(args.output)
     from keras_sd import backend, presets
 
-    if not args.no_compile_cache:
-        backend.enable_compile_cache(args.compile_cache)  # before any tensor exists
     preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
     if preset is not None and preset not in presets.preset_names():
         raise UsageError(f"unknown --preset {preset!r}; choose one of {presets.preset_names()}")
+    if not args.no_compile_cache:
+        backend.enable_compile_cache(args.compile_cache)  # before any tensor exists
     sd = _load_model(args)
     kwargs = {"width": args.width, "height": args.height}
     for name in ("width", "height"):
