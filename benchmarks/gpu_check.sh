@@ -18,7 +18,8 @@ print('jax', jax.__version__, jax.devices()); print('keras', keras.__version__, 
 print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0)); print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)
 import keras_sd; print('keras_sd ok, accelerator:', keras_sd.backend.has_accelerator())
 "; } 2>&1 | tee $OUT/env.txt
-B="python3 benchmarks/bench.py ${BENCH_ARGS:---gpu} --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
+BENCH="python3 benchmarks/bench.py --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
+B="$BENCH ${BENCH_ARGS:---gpu}"
 echo "== bench A at $(el) s"
 timeout ${LIMIT_A:-330} $B --runtimes keras-sd-jax diffusers --skip compile --timeout 240 --out-dir /tmp/benchA 2>&1 | tee $OUT/benchA.txt
 echo "== bench A end at $(el) s"
@@ -26,7 +27,7 @@ echo "== bench A end at $(el) s"
 LEFT=$(( TOTAL - $(el) ))
 echo "== bench B (torch.compile, batch 1) at $(el) s, ${LEFT} s left"
 MERGE=""; [ -f /tmp/benchA/results.json ] && MERGE="--merge /tmp/benchA/results.json"
-B1="python3 benchmarks/bench.py ${BENCH_B_ARGS:---gpu --batch 1} --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
+B1="$BENCH ${BENCH_B_ARGS:---gpu --batch 1}"
 if [ $LEFT -gt 60 ]; then
   TB=$(( LEFT - ${TESTS_RESERVE:-110} )); [ $TB -ge 60 ] || TB=$(( LEFT - 15 ))
   timeout $TB $B1 --runtimes diffusers --only compile --timeout $((TB - 10)) --out-dir /tmp/benchB $MERGE 2>&1 | tee $OUT/benchB.txt

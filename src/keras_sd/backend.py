@@ -118,12 +118,18 @@ def cpu_native_dtypes(cpuinfo: str | None = None) -> frozenset:
 
 
 @functools.cache
-def _this_cpu_native_dtypes() -> frozenset:
+def _cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo, read once; None where it cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return cpu_native_dtypes(f.read())
+            return f.read()
     except OSError:
-        return frozenset()
+        return None
+
+
+def _this_cpu_native_dtypes() -> frozenset:
+    cpuinfo = _cpuinfo()
+    return frozenset() if cpuinfo is None else cpu_native_dtypes(cpuinfo)
 
 
 def has_accelerator() -> bool:
@@ -182,16 +188,15 @@ def _machine_fingerprint() -> str:
     (model name and instruction flags) and the NVIDIA GPUs' models, read from files,
     without initializing any backend."""
     parts = [platform.machine()]
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            first_cpu = f.read().split("\n\n")[0]
+    cpuinfo = _cpuinfo()
+    if cpuinfo is None:
+        parts.append(platform.processor())
+    else:
         parts += [
             line.split(":", 1)[1].strip()
-            for line in first_cpu.splitlines()
+            for line in cpuinfo.split("\n\n")[0].splitlines()
             if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")
         ]
-    except OSError:
-        parts.append(platform.processor())
     gpus = "/proc/driver/nvidia/gpus"
     if os.path.isdir(gpus):
         for bus in sorted(os.listdir(gpus)):
@@ -268,8 +273,8 @@ def enable_compile_cache(directory=None) -> str | None:
     if name not in ("tensorflow", "jax"):
         return None
     directory = os.path.abspath(os.fspath(directory or default_compile_cache_dir()))
+    flags = os.environ.get("TF_XLA_FLAGS", "")
     if name == "tensorflow":
-        flags = os.environ.get("TF_XLA_FLAGS", "")
         for flag in flags.split():
             if flag.startswith(_TF_CACHE_FLAG + "="):
                 return flag.split("=", 1)[1]  # the user's own choice
@@ -281,13 +286,13 @@ def enable_compile_cache(directory=None) -> str | None:
                 stacklevel=2,
             )
             return None
-        os.makedirs(directory, exist_ok=True)
-        os.environ["TF_XLA_FLAGS"] = f"{flags} {_TF_CACHE_FLAG}={directory}".strip()
-        return directory
-    import jax
-
     os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
+    if name == "tensorflow":
+        os.environ["TF_XLA_FLAGS"] = f"{flags} {_TF_CACHE_FLAG}={directory}".strip()
+    else:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", directory)
     return directory
 
 
