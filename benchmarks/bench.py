@@ -444,16 +444,30 @@ def time_cli(args, folder: str, out_dir: str, cache: str) -> dict:
     return marks
 
 
+def keras_layout_file(folder: str, out_dir: str, timeout: float) -> str:
+    """The same weights in keras-sd's keras layout, written once next to `folder`
+    (`keras-sd convert --layout keras`, untimed)."""
+    path = folder.rstrip(os.sep) + "-keras.safetensors"
+    if not os.path.exists(path):
+        print(f"writing {path}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "keras_sd.cli", "convert", folder, path, "--layout", "keras"]
+        subprocess.run(cmd, check=True, env=worker_env("tf"), timeout=timeout)
+    return path
+
+
 def run_startup(args, folder: str, out_dir: str) -> dict:
+    keras_file = keras_layout_file(folder, out_dir, args.timeout)
     runs = [
-        ("keras-sd (tensorflow)", "startup-keras-sd", "tf"),
-        ("keras-sd (jax)", "startup-keras-sd", "jax"),
-        ("diffusers", "startup-diffusers", None),
+        ("keras-sd (tensorflow)", "startup-keras-sd", "tf", folder),
+        ("keras-sd (jax)", "startup-keras-sd", "jax", folder),
+        ("keras-sd (tensorflow), keras-layout file", "startup-keras-sd", "tf", keras_file),
+        ("keras-sd (jax), keras-layout file", "startup-keras-sd", "jax", keras_file),
+        ("diffusers", "startup-diffusers", None, folder),
     ]
     out = {}
-    for name, runtime, backend in runs:
+    for name, runtime, backend, weights in runs:
         tag = re.sub(r"\W+", "-", f"startup {name}").strip("-")
-        spec = {"name": tag, "runtime": runtime, "weights": folder}
+        spec = {"name": tag, "runtime": runtime, "weights": weights}
         rows, error = run_worker(spec, out_dir, args.timeout, backend=backend)
         out[tag] = {"runtime": name, **(rows[0] if rows else {"error": error})}
     # The command twice with one new compile cache: compiling, then loading the programs.

@@ -537,16 +537,18 @@ def make_weights(spec, emit, monitor):
 
 # ------------------------------------------------------------------ start-up
 def startup_keras_sd(spec, emit, monitor):
-    """Import keras-sd and load a full model from the diffusers folder (one call)."""
+    """Import keras-sd and load a full model from the diffusers folder, or from the same
+    weights in a keras-layout file (one call)."""
     import keras_sd
     from keras_sd import StableDiffusion  # noqa: F401  (imports Keras, timed as import)
 
     t_import = time.perf_counter()
     keras_sd.StableDiffusion.from_checkpoint(spec["weights"])
     t_load = time.perf_counter()
+    source = "keras-layout file" if spec["weights"].endswith(".safetensors") else "folder"
     emit(
         {
-            "how": "StableDiffusion.from_checkpoint(folder)",
+            "how": f"StableDiffusion.from_checkpoint({source})",
             "import_s": t_import - START,
             "build_s": 0.0,
             "load_s": t_load - t_import,

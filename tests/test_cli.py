@@ -92,16 +92,25 @@ def _weights(sd) -> dict:
     }
 
 
-@pytest.mark.parametrize("dst, dtype", [("folder", None), ("copy.safetensors", "float16")])
-def test_convert_round_trip(capsys, tmp_path, tiny_checkpoint, dst, dtype):
+@pytest.mark.parametrize(
+    "dst, dtype, layout",
+    [
+        ("folder", None, None),
+        ("copy.safetensors", "float16", None),
+        ("k.safetensors", None, "keras"),
+    ],
+)
+def test_convert_round_trip(capsys, tmp_path, tiny_checkpoint, dst, dtype, layout):
     from keras_sd import StableDiffusion
 
     src, sd = tiny_checkpoint
     argv = ["convert", str(src), str(tmp_path / dst), "--config", "tiny"]
-    status, out, err = run_cli(capsys, *argv, *(["--dtype", dtype] if dtype else []))
+    argv += ["--dtype", dtype] if dtype else []
+    status, out, err = run_cli(capsys, *argv, *(["--layout", layout] if layout else []))
     assert status == 0, err
     assert f"wrote {tmp_path / dst}" in out
-    loaded = StableDiffusion.from_checkpoint(tmp_path / dst, config="tiny", jit_compile=False)
+    config = {} if layout == "keras" else {"config": "tiny"}  # a keras-layout file has its own
+    loaded = StableDiffusion.from_checkpoint(tmp_path / dst, jit_compile=False, **config)
     expected, got = _weights(sd), _weights(loaded)
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
@@ -135,3 +144,11 @@ def test_convert_bad_arguments(capsys, tmp_path, tiny_checkpoint, argv, needle):
     status, _, err = run_cli(capsys, "convert", *argv)
     assert status == 2 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_offers_every_checkpoint_layout():
+    # The command lists them itself so that `--help` and argument errors need no Keras.
+    from keras_sd import cli
+    from keras_sd.weights.checkpoint import LAYOUTS
+
+    assert cli.LAYOUTS == LAYOUTS

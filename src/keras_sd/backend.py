@@ -302,13 +302,17 @@ _TF_ALIGNMENT = 64  # bytes; Eigen's EIGEN_MAX_ALIGN_BYTES on AVX-512 builds
 def borrow_numpy(array):
     """A tensor that shares `array`'s memory (no copy), or None where that is not safe.
 
-    Only TensorFlow on CPU (through DLPack): there a transpose of the result runs at
-    once, so the caller may reuse `array` as soon as that transpose returns. On GPUs
-    the host-to-device copy may still be queued, and the other backends copy anyway.
-    TensorFlow's kernels assume buffers aligned to 64 bytes (an unaligned one aborts
-    the process), so only C-contiguous arrays starting on such a boundary are shared;
+    Only TensorFlow on CPU (through DLPack); on GPUs the host-to-device copy may still
+    be queued when the call returns, and the other backends copy anyway. TensorFlow's
+    kernels assume buffers aligned to 64 bytes (an unaligned one aborts the process),
+    so only C-contiguous arrays starting on such a boundary are shared;
     `keras_sd.weights.streaming.aligned_empty` makes them.
-    The result must only feed an op that writes new memory, never a variable.
+
+    The memory must stay valid and unchanged for as long as the result, or anything
+    made from it without a copy, is in use: a TensorFlow variable created from the
+    result adopts the memory itself (keras-layout checkpoints rely on this to map a
+    file into variables), while an op's output (a transpose) is new memory, after which
+    `array` may be reused.
 
     Example:
     >>> from keras_sd.weights.streaming import aligned_empty

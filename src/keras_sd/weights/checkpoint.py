@@ -1,4 +1,5 @@
-"""Load and save whole Stable Diffusion checkpoints: CompVis single files and diffusers folders.
+"""Load and save whole Stable Diffusion checkpoints: CompVis single files, diffusers folders
+and keras-sd's keras-layout files (`keras_sd.weights.native`, mapped without conversion).
 
 The architecture comes from the weights (levels, channels, layers, context width,
 4- or 9-channel UNet, linear or convolutional projections); what weights cannot
@@ -18,7 +19,7 @@ import keras
 
 from keras_sd import presets
 from keras_sd.weights import diffusers as diffusers_io
-from keras_sd.weights import diffusers_folder, streaming
+from keras_sd.weights import diffusers_folder, native, streaming
 from keras_sd.weights.compvis import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
@@ -31,7 +32,7 @@ from keras_sd.weights.compvis import (
 from keras_sd.weights.prefetch import Prefetch
 from keras_sd.weights.state_dict import CheckpointError
 
-LAYOUTS = ("compvis", "diffusers")
+LAYOUTS = ("compvis", "diffusers", "keras")
 COMPONENTS = tuple(streaming.MODELS)  # the StableDiffusion attributes that hold weights
 
 
@@ -249,8 +250,9 @@ def load_checkpoint(
 
     Reads CompVis single files (`.safetensors`, `.ckpt`, `.pt`, `.bin`; pickles through
     the safe unpickler, so nothing in the file can run), diffusers folders (configs from
-    their json files) and KerasCV `.h5` weights (a list of files or a folder of them).
-    No torch import is needed.
+    their json files), KerasCV `.h5` weights (a list of files or a folder of them) and
+    keras-layout files written by `save_checkpoint(..., layout="keras")` (the fastest to
+    load: mapped, nothing converted). No torch import is needed.
 
     Args:
         path: a single file, a diffusers folder, a KerasCV `.h5` file, or a list of
@@ -310,6 +312,16 @@ def load_checkpoint(
             img_height=img_height,
             jit_compile=jit_compile,
         )
+    if native.is_keras_layout(path):
+        if config is not None or overrides or use_ema:
+            raise ValueError(
+                f"{path} is a keras-layout checkpoint, which stores its own config; "
+                "config=, use_ema= and component overrides do not apply to it."
+            )
+        size = {"img_width": img_width or img_size, "img_height": img_height or img_size}
+        return native.load_keras_layout(
+            path, prediction_type=prediction_type, jit_compile=jit_compile, **size
+        )
     if path.is_dir():
         parts, configs = diffusers_folder.read_folder(path)
         config, folder_size = diffusers_folder.model_config(configs, config or "sd1", str(path))
@@ -362,12 +374,15 @@ def save_checkpoint(sd, path, layout: str = "compvis", dtype: str | None = None)
         sd: a `StableDiffusion`.
         path: the `.safetensors` file ("compvis") or the folder ("diffusers") to write.
         layout: "compvis" (the keys of the original SD releases; SD 2.x text encoders in
-            the OpenCLIP layout) or "diffusers" (`unet/`, `vae/`, `text_encoder/`,
-            `tokenizer/`, `scheduler/` with json configs and `model_index.json`).
+            the OpenCLIP layout), "diffusers" (`unet/`, `vae/`, `text_encoder/`,
+            `tokenizer/`, `scheduler/` with json configs and `model_index.json`) or
+            "keras" (a `.safetensors` file in keras-sd's own layout with its config:
+            read only by keras-sd, and loaded fastest; see `keras_sd.weights.native`).
         dtype: None keeps the variables' dtype; "float16" or "float32" converts.
 
     Example:
     >>> save_checkpoint(sd, "model.safetensors")  # doctest: +SKIP
+    >>> save_checkpoint(sd, "model-keras.safetensors", layout="keras")  # doctest: +SKIP
     >>> save_checkpoint(sd, "sd-folder", layout="diffusers", dtype="float16")  # doctest: +SKIP
     """
     if layout not in LAYOUTS:
@@ -376,7 +391,9 @@ def save_checkpoint(sd, path, layout: str = "compvis", dtype: str | None = None)
         raise ValueError(f"dtype must be None, 'float16' or 'float32'; received {dtype!r}.")
     path = Path(path)
     parts = export_parts_lazy({c: getattr(sd, c) for c in COMPONENTS})
-    if layout == "diffusers":
+    if layout == "keras":
+        native.save_keras_layout(sd, path, dtype)
+    elif layout == "diffusers":
         diffusers_folder.write_folder(sd, path, parts, dtype)
     elif path.suffix.lower() != ".safetensors":
         raise ValueError(f"a compvis checkpoint is written as .safetensors; received {path}.")
@@ -391,7 +408,7 @@ def convert(src, dst, layout: str | None = None, dtype: str | None = None, **kwa
         src: anything `load_checkpoint` reads.
         dst: the output; a `.safetensors` path means the "compvis" layout, anything
             else a diffusers folder, unless `layout` says otherwise.
-        layout: "compvis" or "diffusers"; default from `dst`.
+        layout: "compvis", "diffusers" or "keras"; default from `dst`.
         dtype: None keeps float32; "float16" halves the size.
         **kwargs: passed to `load_checkpoint` (config, prediction_type, use_ema, ...).
 

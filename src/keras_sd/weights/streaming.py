@@ -111,6 +111,15 @@ class LazyTensor:
     def __array__(self, dtype=None, copy=None):
         return np.asarray(self.read(), dtype=dtype)
 
+    @property
+    def file_offset(self) -> int | None:
+        """The byte offset of this tensor's stored values in its safetensors file, when
+        they are its values as they are (not a slice, not widened from bfloat16)."""
+        reader = self._load
+        if self._index or not isinstance(reader, _TensorReader) or reader.bfloat16:
+            return None
+        return reader.offset
+
     def read(self, scratch: bool = False) -> np.ndarray:
         """The values; with `scratch`, possibly in a buffer the next scratch read of the
         same thread overwrites (for consumers that copy them at once)."""
@@ -255,7 +264,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
         partial.unlink(missing_ok=True)
 
 
-def write_safetensors(path, tensors: dict, dtype: str | None = None, metadata=None) -> None:
+def write_safetensors(
+    path, tensors: dict, dtype: str | None = None, metadata=None, alignment: int = 8
+) -> None:
     """Write `{name: array-like}` (numpy arrays or `LazyTensor`s) as a safetensors file.
 
     Args:
@@ -265,21 +276,29 @@ def write_safetensors(path, tensors: dict, dtype: str | None = None, metadata=No
             floating-point ones.
         metadata: extra string entries for the header (`"format": "pt"` is always set,
             as transformers requires it).
+        alignment: the data start on a multiple of this many bytes (8 or more, a power
+            of two). Above 8, the tensors whose size is a multiple of it come first, so
+            each of them starts aligned too (the format allows no gaps between tensors).
 
     Example:
     >>> write_safetensors("model.safetensors", {"w": np.ones((2, 3))}, "float32")  # doctest: +SKIP
     """
+    if alignment < 8 or alignment & (alignment - 1):
+        raise ValueError(f"alignment must be a power of two >= 8; received {alignment!r}.")
     path = Path(path)
-    names = sorted(tensors)
-    header, plan, offset = {}, [], 0
-    for name in names:
+    entries = []
+    for name in sorted(tensors):
         tensor = tensors[name]
         source = np.dtype(tensor.dtype)
         target = np.dtype(dtype) if dtype and source.kind == "f" else source
         if target.name not in _TAGS:
             raise ValueError(f"cannot write tensor {name!r} of dtype {target} to safetensors")
         shape = tuple(int(n) for n in tensor.shape)
-        nbytes = math.prod(shape) * target.itemsize
+        entries.append((name, target, shape, math.prod(shape) * target.itemsize))
+    if alignment > 8:  # stable: aligned sizes first, each group in name order
+        entries.sort(key=lambda entry: entry[3] % alignment != 0)
+    header, plan, offset = {}, [], 0
+    for name, target, shape, nbytes in entries:
         header[name] = {
             "dtype": _TAGS[target.name],
             "shape": list(shape),
@@ -289,7 +308,7 @@ def write_safetensors(path, tensors: dict, dtype: str | None = None, metadata=No
         offset += nbytes
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
+    blob += b" " * (-(8 + len(blob)) % alignment)  # the data start aligned (8 at least)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         with open(partial, "wb") as f:
