@@ -5,8 +5,9 @@ them (PyTorch stores convolutions as [out, in, kh, kw] and linear layers as [out
 Keras as [kh, kw, in, out] and [in, out]) into new memory: several seconds for a
 full-size model, most of it first touches of 4 GB of fresh pages. A file written with
 `save_checkpoint(sd, path, layout="keras")` stores the variables as they are, so nothing
-needs converting. On TensorFlow/CPU the variables are then made straight from a
-copy-on-write memory map of the file: no tensor is read at load time, the operating
+needs converting. On CPUs the variables are then made straight from a copy-on-write
+memory map of the file (TensorFlow adopts it through DLPack; JAX shares aligned host
+arrays by itself): no tensor is read at load time, the operating
 system pages the weights in when they are first used, processes that load the same file
 share those pages, and writing a variable (training) never changes the file.
 
@@ -132,7 +133,7 @@ def load_keras_layout(
     path, *, prediction_type: str | None = None, img_width=None, img_height=None, **sd_kwargs
 ):
     """Rebuild the `StableDiffusion` written by `save_keras_layout` (weights mapped on
-    TensorFlow/CPU when the file's dtype is the policy's variable dtype, else read).
+    CPUs when the file's dtype is the policy's variable dtype, else copied).
 
     Args:
         path: a keras-layout `.safetensors` file.
