@@ -108,7 +108,9 @@ def test_fit_updates_unet_not_vae(train_text_encoder):
             ("text", trainer.text_encoder),
         )
     }
-    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+    # Eagerly: which variables train does not depend on compilation, and tracing the
+    # train step takes a minute on 2 cores (fit on a compiled step is tested above).
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
     trainer.fit(data, batch_size=4, epochs=2, verbose=0)
 
     def changed(name, model):
