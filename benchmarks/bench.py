@@ -444,11 +444,12 @@ def time_cli(args, folder: str, out_dir: str, cache: str) -> dict:
     return marks
 
 
-def keras_layout_file(folder: str, out_dir: str, timeout: float) -> str:
+def keras_layout_file(folder: str, timeout: float) -> str:
     """The same weights in keras-sd's keras layout, written once next to `folder`
     (`keras-sd convert --layout keras`, untimed)."""
     path = folder.rstrip(os.sep) + "-keras.safetensors"
-    if not os.path.exists(path):
+    marker = os.path.join(folder, "bench_weights.json")  # rewritten with new weights
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(marker):
         print(f"writing {path}", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "keras_sd.cli", "convert", folder, path, "--layout", "keras"]
         subprocess.run(cmd, check=True, env=worker_env("tf"), timeout=timeout)
@@ -456,7 +457,7 @@ def keras_layout_file(folder: str, out_dir: str, timeout: float) -> str:
 
 
 def run_startup(args, folder: str, out_dir: str) -> dict:
-    keras_file = keras_layout_file(folder, out_dir, args.timeout)
+    keras_file = keras_layout_file(folder, args.timeout)
     runs = [
         ("keras-sd (tensorflow)", "startup-keras-sd", "tf", folder),
         ("keras-sd (jax)", "startup-keras-sd", "jax", folder),
