@@ -41,17 +41,32 @@ def save_bundle(sd, path, dtype: str = "float16") -> None:
     for component, state in export_components(sd).items():
         for key, value in state.items():
             tensors[f"{component}.{key}"] = np.ascontiguousarray(value, dtype=dtype)
+    save_file(tensors, os.fspath(path), metadata=pipeline_metadata(sd, FORMAT, VERSION))
+
+
+def pipeline_metadata(sd, format_name: str, version: str) -> dict:
+    """The safetensors metadata that rebuilds `sd` around its weights: format tag and
+    version, model config (JSON), default image size and the tokenizer's added tokens."""
     config = dict(sd.config)
     config["tokenizer"] = {k: v for k, v in config["tokenizer"].items() if k != "added_tokens"}
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
+    return {
+        "format": format_name,
+        "version": version,
         "config": json.dumps(config),
         "img_width": str(sd.img_width),
         "img_height": str(sd.img_height),
         "added_tokens": json.dumps(sd.tokenizer.added_tokens),
     }
-    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def read_pipeline_metadata(metadata: dict) -> tuple[dict, int, int]:
+    """`(config, img_width, img_height)` from `pipeline_metadata`'s entries; the added
+    tokens go back into the tokenizer's config (only when there are any)."""
+    config = json.loads(metadata["config"])
+    added = json.loads(metadata.get("added_tokens", "[]"))
+    if added:
+        config["tokenizer"]["added_tokens"] = added
+    return config, int(metadata["img_width"]), int(metadata["img_height"])
 
 
 def read_bundle(path) -> tuple[dict, dict]:
@@ -105,10 +120,9 @@ def load_bundle(path, **sd_kwargs):
     from keras_sd.pipeline import StableDiffusion
 
     metadata, states = read_bundle(path)
-    config = json.loads(metadata["config"])
-    config["tokenizer"]["added_tokens"] = json.loads(metadata.get("added_tokens", "[]"))
-    sd_kwargs.setdefault("img_width", int(metadata["img_width"]))
-    sd_kwargs.setdefault("img_height", int(metadata["img_height"]))
+    config, width, height = read_pipeline_metadata(metadata)
+    sd_kwargs.setdefault("img_width", width)
+    sd_kwargs.setdefault("img_height", height)
     sd = StableDiffusion(config=config, **sd_kwargs)
     dtype = keras.mixed_precision.global_policy().variable_dtype
     if dtype not in _DTYPES:

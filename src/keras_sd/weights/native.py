@@ -14,7 +14,7 @@ share those pages, and writing a variable (training) never changes the file.
 The file is a valid safetensors file. Keys are `"<component>/<state-dict name>"` (for
 example `"diffusion_model/conv_in.weight"`, the names of
 `keras_sd.weights.state_dict.named_variables`), values in Keras layout. Its metadata
-holds the format tag, the model config (JSON, tokenizer's added tokens included) and the
+holds the format tag, the model config (JSON), the tokenizer's added tokens and the
 default image size. Tensors whose byte size is a multiple of 64 come first and start on
 64-byte boundaries (TensorFlow's kernels need that alignment to use memory they did not
 allocate); the few others follow and are copied when loaded.
@@ -27,7 +27,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -38,7 +37,8 @@ import numpy as np
 
 from keras_sd import backend
 from keras_sd.weights import streaming
-from keras_sd.weights.state_dict import CheckpointError, named_variables, summarize
+from keras_sd.weights.bundle import pipeline_metadata, read_pipeline_metadata
+from keras_sd.weights.state_dict import CheckpointError, describe_problems, named_variables
 
 FORMAT = "keras_sd.keras_layout"
 VERSION = "1"
@@ -91,17 +91,7 @@ def save_keras_layout(sd, path, dtype: str | None = None) -> None:
                 tuple(variable.shape),
                 np.dtype(variable.dtype),
             )
-    config = json.loads(json.dumps(sd.config))  # a deep copy of plain values
-    config["tokenizer"].pop("added_tokens", None)
-    if sd.tokenizer.added_tokens:  # textual inversion placeholders
-        config["tokenizer"]["added_tokens"] = list(sd.tokenizer.added_tokens)
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": json.dumps(config),
-        "img_width": str(sd.img_width),
-        "img_height": str(sd.img_height),
-    }
+    metadata = pipeline_metadata(sd, FORMAT, VERSION)
     streaming.write_safetensors(path, tensors, dtype, metadata, alignment=ALIGNMENT)
 
 
@@ -159,8 +149,7 @@ def load_keras_layout(
             "StableDiffusion.from_checkpoint."
         )
     try:
-        config = json.loads(metadata["config"])
-        width, height = int(metadata["img_width"]), int(metadata["img_height"])
+        config, width, height = read_pipeline_metadata(metadata)
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path}: the keras-layout metadata is incomplete ({err}).") from None
     if prediction_type is not None:
@@ -192,15 +181,7 @@ def _match(models: dict, tensors: dict, mapped: dict, source: str) -> list:
         for key, variable in expected.items()
         if key in tensors and tensors[key].shape != tuple(variable.shape)
     ]
-    problems = [
-        summarize(what, keys)
-        for what, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        )
-        if keys
-    ]
+    problems = describe_problems(missing, unexpected, mismatched)
     if problems:
         raise CheckpointError(
             f"{source} does not match the models its config describes: " + "; ".join(problems) + "."

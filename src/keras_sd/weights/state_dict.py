@@ -186,7 +186,17 @@ def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):
             )
             continue
         pairs.append((variable, tensor))
-    problems = [
+    return pairs, describe_problems(missing, unexpected, mismatched)
+
+
+def describe_problems(missing: list, unexpected: list, mismatched: list) -> list[str]:
+    """One `summarize` line for each kind of mismatch that occurs.
+
+    Example:
+    >>> describe_problems(["a.weight"], [], ["b.bias (file (3,), model (4,))"])
+    ['1 missing keys: a.weight', '1 shape mismatches: b.bias (file (3,), model (4,))']
+    """
+    return [
         summarize(what, keys)
         for what, keys in (
             ("missing keys", missing),
@@ -195,7 +205,6 @@ def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):
         )
         if keys
     ]
-    return pairs, problems
 
 
 def load_state_dict(
