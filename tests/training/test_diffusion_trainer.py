@@ -74,9 +74,15 @@ def test_fit_reduces_loss_on_a_fixed_batch():
     data = batch()
     before = fixed_loss(trainer, data)
     trainer.compile(optimizer=keras.optimizers.Adam(2e-3))
+    assert trainer.optimizer.built  # at compile, not inside the first traced step
+    traces = []
+    step = trainer.train_step
+    object.__setattr__(trainer, "train_step", lambda *args: traces.append(1) or step(*args))
     trainer.fit(data, batch_size=4, epochs=15, verbose=0)
     after = fixed_loss(trainer, data)
     assert after < 0.8 * before, (before, after)
+    if keras.backend.backend() == "tensorflow":  # 15 steps of one compiled step, traced once
+        assert len(traces) == 1, len(traces)
 
 
 def test_condition_dropout_replaces_ids_at_the_stated_rate():

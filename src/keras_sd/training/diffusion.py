@@ -21,10 +21,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sd.training.base import Trainer
 from keras_sd.training.vae import deserialize_component, sample_posterior, serialize_component
 
 
-class DiffusionTrainer(keras.Model):
+class DiffusionTrainer(Trainer):
     """Trains a `UNet` (and optionally the `CLIPTextEncoder`) with `fit()` on any backend.
 
     The VAE encoder is frozen (made non-trainable); the text encoder is trained only when

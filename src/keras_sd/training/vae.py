@@ -16,6 +16,8 @@ import importlib
 import keras
 from keras import ops
 
+from keras_sd.training.base import Trainer
+
 RECONSTRUCTION_LOSSES = ("mse", "l1")
 # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range so that
 # exp() can neither overflow nor vanish early in training.
@@ -70,7 +72,7 @@ def _images(inputs):
     return inputs["images"] if isinstance(inputs, dict) else inputs
 
 
-class VAETrainer(keras.Model):
+class VAETrainer(Trainer):
     """Trains a VAE encoder and decoder with `fit()` on any backend.
 
     Args:
