@@ -273,26 +273,26 @@ def enable_compile_cache(directory=None) -> str | None:
     if name not in ("tensorflow", "jax"):
         return None
     directory = os.path.abspath(os.fspath(directory or default_compile_cache_dir()))
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    if name == "tensorflow":
-        for flag in flags.split():
-            if flag.startswith(_TF_CACHE_FLAG + "="):
-                return flag.split("=", 1)[1]  # the user's own choice
-        if _tensorflow_started():
-            warnings.warn(
-                "enable_compile_cache: TensorFlow has already made a tensor and read its XLA "
-                "flags, so compiled programs will not be cached in this process; call it "
-                "right after `import keras_sd`, before building a model",
-                stacklevel=2,
-            )
-            return None
-    os.makedirs(directory, exist_ok=True)
-    if name == "tensorflow":
-        os.environ["TF_XLA_FLAGS"] = f"{flags} {_TF_CACHE_FLAG}={directory}".strip()
-    else:
+    if name == "jax":
         import jax
 
+        os.makedirs(directory, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", directory)
+        return directory
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    for flag in flags.split():
+        if flag.startswith(_TF_CACHE_FLAG + "="):
+            return flag.split("=", 1)[1]  # the user's own choice
+    if _tensorflow_started():
+        warnings.warn(
+            "enable_compile_cache: TensorFlow has already made a tensor and read its XLA "
+            "flags, so compiled programs will not be cached in this process; call it "
+            "right after `import keras_sd`, before building a model",
+            stacklevel=2,
+        )
+        return None
+    os.makedirs(directory, exist_ok=True)
+    os.environ["TF_XLA_FLAGS"] = f"{flags} {_TF_CACHE_FLAG}={directory}".strip()
     return directory
 
 

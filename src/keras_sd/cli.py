@@ -85,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "loads fastest. Pickled .ckpt files are read without running their code.",
     )
     conv.add_argument("src", help="checkpoint file, diffusers folder or KerasCV .h5 file")
-    conv.add_argument("dst", help="a .safetensors file (CompVis layout) or a folder (diffusers)")
+    conv.add_argument(
+        "dst",
+        help="a .safetensors file (CompVis layout, or keras-sd's with --layout keras) or a "
+        "folder (diffusers)",
+    )
     conv.add_argument("--layout", choices=LAYOUTS, default=None, help="default: from DST")
     conv.add_argument("--dtype", choices=("float32", "float16"), default=None)
     conv.add_argument("--config", default=None, help="model config name (default: detected)")

@@ -390,10 +390,11 @@ def save_checkpoint(sd, path, layout: str = "compvis", dtype: str | None = None)
     if dtype not in (None, "float16", "float32"):
         raise ValueError(f"dtype must be None, 'float16' or 'float32'; received {dtype!r}.")
     path = Path(path)
-    parts = export_parts_lazy({c: getattr(sd, c) for c in COMPONENTS})
-    if layout == "keras":
+    if layout == "keras":  # the variables as they are, no PyTorch-layout export
         native.save_keras_layout(sd, path, dtype)
-    elif layout == "diffusers":
+        return
+    parts = export_parts_lazy({c: getattr(sd, c) for c in COMPONENTS})
+    if layout == "diffusers":
         diffusers_folder.write_folder(sd, path, parts, dtype)
     elif path.suffix.lower() != ".safetensors":
         raise ValueError(f"a compvis checkpoint is written as .safetensors; received {path}.")
