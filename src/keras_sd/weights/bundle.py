@@ -46,7 +46,12 @@ def save_bundle(sd, path, dtype: str = "float16") -> None:
 
 def pipeline_metadata(sd, format_name: str, version: str) -> dict:
     """The safetensors metadata that rebuilds `sd` around its weights: format tag and
-    version, model config (JSON), default image size and the tokenizer's added tokens."""
+    version, model config (JSON), default image size and the tokenizer's added tokens.
+
+    Example:
+    >>> pipeline_metadata(sd, FORMAT, VERSION)["img_width"]  # doctest: +SKIP
+    '64'
+    """
     config = dict(sd.config)
     config["tokenizer"] = {k: v for k, v in config["tokenizer"].items() if k != "added_tokens"}
     return {
@@ -61,7 +66,14 @@ def pipeline_metadata(sd, format_name: str, version: str) -> dict:
 
 def read_pipeline_metadata(metadata: dict) -> tuple[dict, int, int]:
     """`(config, img_width, img_height)` from `pipeline_metadata`'s entries; the added
-    tokens go back into the tokenizer's config (only when there are any)."""
+    tokens go back into the tokenizer's config (only when there are any).
+
+    Example:
+    >>> entries = {"config": '{"tokenizer": {}}', "img_width": "64", "img_height": "32",
+    ...            "added_tokens": '["<cat-toy>"]'}
+    >>> read_pipeline_metadata(entries)
+    ({'tokenizer': {'added_tokens': ['<cat-toy>']}}, 64, 32)
+    """
     config = json.loads(metadata["config"])
     added = json.loads(metadata.get("added_tokens", "[]"))
     if added:
