@@ -444,31 +444,35 @@ def time_cli(args, folder: str, out_dir: str, cache: str) -> dict:
     return marks
 
 
-def keras_layout_file(folder: str, timeout: float) -> str:
-    """The same weights in keras-sd's keras layout, written once next to `folder`
-    (`keras-sd convert --layout keras`, untimed)."""
-    path = folder.rstrip(os.sep) + "-keras.safetensors"
+def converted_file(folder: str, layout: str, timeout: float) -> str:
+    """The same weights as one `.safetensors` file in `layout` ("keras" or "compvis"),
+    written once next to `folder` (`keras-sd convert --layout LAYOUT`, untimed)."""
+    path = folder.rstrip(os.sep) + f"-{layout}.safetensors"
     marker = os.path.join(folder, "bench_weights.json")  # rewritten with new weights
     if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(marker):
         print(f"writing {path}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "keras_sd.cli", "convert", folder, path, "--layout", "keras"]
+        cmd = [sys.executable, "-m", "keras_sd.cli", "convert", folder, path, "--layout", layout]
         subprocess.run(cmd, check=True, env=worker_env("tf"), timeout=timeout)
     return path
 
 
 def run_startup(args, folder: str, out_dir: str) -> dict:
-    keras_file = keras_layout_file(folder, args.timeout)
+    keras_file = converted_file(folder, "keras", args.timeout)
+    single_file = converted_file(folder, "compvis", args.timeout)
     runs = [
         ("keras-sd (tensorflow)", "startup-keras-sd", "tf", folder),
         ("keras-sd (jax)", "startup-keras-sd", "jax", folder),
+        ("diffusers", "startup-diffusers", None, folder),
+        ("keras-sd (tensorflow), single file", "startup-keras-sd", "tf", single_file),
+        ("keras-sd (jax), single file", "startup-keras-sd", "jax", single_file),
+        ("diffusers, single file", "startup-diffusers", None, single_file),
         ("keras-sd (tensorflow), keras-layout file", "startup-keras-sd", "tf", keras_file),
         ("keras-sd (jax), keras-layout file", "startup-keras-sd", "jax", keras_file),
-        ("diffusers", "startup-diffusers", None, folder),
     ]
     out = {}
     for name, runtime, backend, weights in runs:
         tag = re.sub(r"\W+", "-", f"startup {name}").strip("-")
-        spec = {"name": tag, "runtime": runtime, "weights": weights}
+        spec = {"name": tag, "runtime": runtime, "weights": weights, "config": folder}
         rows, error = run_worker(spec, out_dir, args.timeout, backend=backend)
         out[tag] = {"runtime": name, **(rows[0] if rows else {"error": error})}
     # The command twice with one new compile cache: compiling, then loading the programs.

@@ -536,51 +536,54 @@ def make_weights(spec, emit, monitor):
 
 
 # ------------------------------------------------------------------ start-up
+def _source(weights: str) -> str:
+    if not weights.endswith(".safetensors"):
+        return "folder"
+    return "keras-layout file" if weights.endswith("-keras.safetensors") else "single file"
+
+
+def _emit_startup(emit, how: str, t_import: float, t_load: float) -> None:
+    emit(
+        {
+            "how": how,
+            "import_s": t_import - START,
+            "build_s": 0.0,
+            "load_s": t_load - t_import,
+            "build_load_s": t_load - t_import,
+            "max_rss_gb": max_rss() / GIB,
+        }
+    )
+
+
 def startup_keras_sd(spec, emit, monitor):
     """Import keras-sd and load a full model from the diffusers folder, or from the same
-    weights in a keras-layout file (one call)."""
+    weights in a CompVis single file or a keras-layout file (one call)."""
     import keras_sd
     from keras_sd import StableDiffusion  # noqa: F401  (imports Keras, timed as import)
 
     t_import = time.perf_counter()
     keras_sd.StableDiffusion.from_checkpoint(spec["weights"])
-    t_load = time.perf_counter()
-    source = "keras-layout file" if spec["weights"].endswith(".safetensors") else "folder"
-    emit(
-        {
-            "how": f"StableDiffusion.from_checkpoint({source})",
-            "import_s": t_import - START,
-            "build_s": 0.0,
-            "load_s": t_load - t_import,
-            "build_load_s": t_load - t_import,
-            "max_rss_gb": max_rss() / GIB,
-        }
-    )
+    how = f"StableDiffusion.from_checkpoint({_source(spec['weights'])})"
+    _emit_startup(emit, how, t_import, time.perf_counter())
 
 
 def startup_diffusers(spec, emit, monitor):
-    """Import diffusers and load a StableDiffusionPipeline from the same folder."""
+    """Import diffusers and load a StableDiffusionPipeline from the same folder, or from
+    the same weights in a CompVis single file (configs from the folder, offline)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
+    kwargs = dict(torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     t_import = time.perf_counter()
-    StableDiffusionPipeline.from_pretrained(
-        spec["weights"],
-        torch_dtype=torch.float32,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    t_load = time.perf_counter()
-    emit(
-        {
-            "how": "StableDiffusionPipeline.from_pretrained(folder)",
-            "import_s": t_import - START,
-            "build_s": 0.0,
-            "load_s": t_load - t_import,
-            "build_load_s": t_load - t_import,
-            "max_rss_gb": max_rss() / GIB,
-        }
-    )
+    if spec["weights"].endswith(".safetensors"):
+        how = "StableDiffusionPipeline.from_single_file(file)"
+        StableDiffusionPipeline.from_single_file(
+            spec["weights"], config=spec["config"], local_files_only=True, **kwargs
+        )
+    else:
+        how = "StableDiffusionPipeline.from_pretrained(folder)"
+        StableDiffusionPipeline.from_pretrained(spec["weights"], **kwargs)
+    _emit_startup(emit, how, t_import, time.perf_counter())
 
 
 RUNNERS = {
