@@ -39,6 +39,30 @@ def max_abs_normalized_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / max(expected.std(), 1e-6))
 
 
+FULL_SIZE = "full-size"  # the xdist group of the tests that build full-size models
+
+
+def _full_size(item) -> bool:
+    groups = {m.args[0] if m.args else None for m in item.iter_markers("xdist_group")}
+    return item.get_closest_marker("slow") is not None or FULL_SIZE in groups
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that build full-size models first, all in one xdist group.
+
+    pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml) runs a group on one worker,
+    one test after another: the slow-marked tests and the KerasCV modules (fixed at SD
+    size) need up to 15 GB each, so two at once would not fit a 24 GB machine. Starting
+    the group first lets the other worker run the small tests beside it instead of
+    the group running alone at the end.
+    """
+    full = [item for item in items if _full_size(item)]
+    for item in full:
+        item.add_marker(pytest.mark.xdist_group(FULL_SIZE))
+    items[:] = full + [item for item in items if not _full_size(item)]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _full_float32_on_accelerators():
     """Full float32 matrix products and convolutions on GPUs for the whole session.

@@ -19,6 +19,8 @@ import pytest
 from conftest import max_abs_normalized_error
 
 pytest.importorskip("keras_cv")
+# Full-size models: these run on the same xdist worker as the slow tests (conftest.py).
+pytestmark = pytest.mark.xdist_group("full-size")
 
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 from keras_cv.src.models.stable_diffusion import (  # noqa: E402
@@ -54,7 +56,7 @@ def _randomize(model, seed: int, std: float = 0.05) -> None:
     """Seeded random values everywhere (norm scales near one), like conftest's torch helper."""
     rng = np.random.default_rng(seed)
     for weight in model.weights:
-        noise = rng.standard_normal(tuple(weight.shape)).astype("float32") * std
+        noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
         weight.assign(1.0 + noise if weight.path.endswith("gamma") else noise)
 
 
