@@ -35,7 +35,8 @@ fi
 (cd /tmp/benchB && tar czf $OUT/benchB-files.tgz . ) 2>/dev/null
 LEFT=$(( TOTAL - $(el) ))
 echo "== tests at $(el) s, ${LEFT} s left"
-# progress bars end in carriage returns: split on them before filtering them out
-[ $LEFT -gt 30 ] && timeout $((LEFT - 10)) python3 -m pytest -q -p no:cacheprovider --no-header -rfE --tb=short -k "mixed_float16 or float16_policy" \
+# progress bars end in carriage returns: split on them before filtering them out;
+# -o addopts= drops pyproject's `-n 2` (pytest-xdist is not among the wheels)
+[ $LEFT -gt 30 ] && timeout $((LEFT - 10)) python3 -m pytest -q -o addopts= -p no:cacheprovider --no-header -rfE --tb=short -k "mixed_float16 or float16_policy" \
   tests/models/test_unet.py tests/models/test_vae.py tests/models/test_clip_text.py tests/test_pipeline.py 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -60 | tee $OUT/tests.txt
 echo "== done at $(el) s"

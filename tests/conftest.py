@@ -52,10 +52,10 @@ def pytest_collection_modifyitems(config, items):
     """Tests that build full-size models first, all in one xdist group.
 
     pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml) runs a group on one worker,
-    one test after another: the slow-marked tests and the KerasCV modules (fixed at SD
-    size) need up to 15 GB each, so two at once would not fit a 24 GB machine. Starting
-    the group first lets the other worker run the small tests beside it instead of
-    the group running alone at the end.
+    one test after another: the slow-marked tests and the KerasCV module (its models
+    are fixed at SD size) need up to 15 GB each, so two at once would not fit a 24 GB
+    machine. Starting the group first lets the other worker run the small tests beside
+    it instead of the group running alone at the end.
     """
     full = [item for item in items if _full_size(item)]
     for item in full:
