@@ -11,6 +11,7 @@ pytest.importorskip("huggingface_hub")
 import huggingface_hub  # noqa: E402
 from huggingface_hub import constants  # noqa: E402
 from huggingface_hub.errors import GatedRepoError  # noqa: E402
+from huggingface_hub.utils import _http as hf_http  # noqa: E402
 
 from keras_sd.pipeline import StableDiffusion  # noqa: E402
 from keras_sd.weights.checkpoint import save_checkpoint  # noqa: E402
@@ -139,6 +140,8 @@ def test_without_network_the_message_says_so(tmp_path, monkeypatch):
     # Not offline mode: the download is attempted and the (blocked) connection fails.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    # huggingface_hub retries a failed connection 5 times, sleeping 23 s in all: skip the waits.
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)
     with pytest.raises(PresetUnavailableError, match="sd-v1-4.ckpt.*CompVis.*no network"):
         load_preset("sd-v1-4", cache_dir=tmp_path)
 
