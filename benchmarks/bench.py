@@ -469,10 +469,12 @@ def run_startup(args, folder: str, out_dir: str) -> dict:
         ("keras-sd (tensorflow), keras-layout file", "startup-keras-sd", "tf", keras_file),
         ("keras-sd (jax), keras-layout file", "startup-keras-sd", "jax", keras_file),
     ]
+    sources = {folder: "folder", single_file: "single file", keras_file: "keras-layout file"}
     out = {}
     for name, runtime, backend, weights in runs:
         tag = re.sub(r"\W+", "-", f"startup {name}").strip("-")
-        spec = {"name": tag, "runtime": runtime, "weights": weights, "config": folder}
+        spec = {"name": tag, "runtime": runtime, "weights": weights, "source": sources[weights]}
+        spec["config"] = folder  # the json configs, for diffusers' single-file loader
         rows, error = run_worker(spec, out_dir, args.timeout, backend=backend)
         out[tag] = {"runtime": name, **(rows[0] if rows else {"error": error})}
     # The command twice with one new compile cache: compiling, then loading the programs.

@@ -536,12 +536,6 @@ def make_weights(spec, emit, monitor):
 
 
 # ------------------------------------------------------------------ start-up
-def _source(weights: str) -> str:
-    if not weights.endswith(".safetensors"):
-        return "folder"
-    return "keras-layout file" if weights.endswith("-keras.safetensors") else "single file"
-
-
 def _emit_startup(emit, how: str, t_import: float, t_load: float) -> None:
     emit(
         {
@@ -563,7 +557,7 @@ def startup_keras_sd(spec, emit, monitor):
 
     t_import = time.perf_counter()
     keras_sd.StableDiffusion.from_checkpoint(spec["weights"])
-    how = f"StableDiffusion.from_checkpoint({_source(spec['weights'])})"
+    how = f"StableDiffusion.from_checkpoint({spec['source']})"
     _emit_startup(emit, how, t_import, time.perf_counter())
 
 
@@ -575,7 +569,7 @@ def startup_diffusers(spec, emit, monitor):
 
     kwargs = dict(torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     t_import = time.perf_counter()
-    if spec["weights"].endswith(".safetensors"):
+    if spec["source"] == "single file":
         how = "StableDiffusionPipeline.from_single_file(file)"
         StableDiffusionPipeline.from_single_file(
             spec["weights"], config=spec["config"], local_files_only=True, **kwargs

@@ -57,10 +57,12 @@ def pytest_collection_modifyitems(config, items):
     machine. Starting the group first lets the other worker run the small tests beside
     it instead of the group running alone at the end.
     """
-    full = [item for item in items if _full_size(item)]
+    full, small = [], []
+    for item in items:
+        (full if _full_size(item) else small).append(item)
     for item in full:
         item.add_marker(pytest.mark.xdist_group(FULL_SIZE))
-    items[:] = full + [item for item in items if not _full_size(item)]
+    items[:] = full + small
 
 
 @pytest.fixture(autouse=True, scope="session")
