@@ -42,6 +42,23 @@ def max_abs_normalized_error(actual, expected) -> float:
 FULL_SIZE = "full-size"  # the xdist group of the tests that build full-size models
 
 
+def tensorflow_buffer_address(value) -> int:
+    """Where a TensorFlow variable's (or tensor's) values are in memory, through DLPack
+    (TF's `numpy()` would copy them)."""
+    import tensorflow as tf
+
+    value = value.value.read_value() if hasattr(value, "value") else value
+
+    class Exported:  # numpy reads DLPack through these two methods
+        def __dlpack__(self, **kwargs):
+            return tf.experimental.dlpack.to_dlpack(value)
+
+        def __dlpack_device__(self):
+            return (1, 0)  # CPU
+
+    return np.from_dlpack(Exported()).ctypes.data
+
+
 def _full_size(item) -> bool:
     groups = {m.args[0] if m.args else None for m in item.iter_markers("xdist_group")}
     return item.get_closest_marker("slow") is not None or FULL_SIZE in groups

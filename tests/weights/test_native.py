@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import tensorflow_buffer_address
 from keras_sd import StableDiffusion
 from keras_sd.backend import has_accelerator
 from keras_sd.models import clip_text, unet, vae
@@ -73,28 +74,12 @@ def _file_ranges(path) -> list:
     return ranges
 
 
-def _buffer_address(variable) -> int:
-    """Where a TensorFlow variable's values are (TF's `numpy()` would copy them)."""
-    import tensorflow as tf
-
-    value = variable.value.read_value()
-
-    class Exported:  # numpy reads DLPack through these two methods
-        def __dlpack__(self, **kwargs):
-            return tf.experimental.dlpack.to_dlpack(value)
-
-        def __dlpack_device__(self):
-            return (1, 0)  # CPU
-
-    return np.from_dlpack(Exported()).ctypes.data
-
-
 def _mapped_keys(sd, path) -> set:
     ranges = _file_ranges(path)
     return {
         key
         for key, variable in _variables(sd).items()
-        if any(begin <= _buffer_address(variable) < end for begin, end in ranges)
+        if any(begin <= tensorflow_buffer_address(variable) < end for begin, end in ranges)
     }
 
 
@@ -161,7 +146,7 @@ def test_writing_a_mapped_variable_leaves_the_file_unchanged(tiny_file):
         # TensorFlow copied before those writes; a write straight into a mapped
         # variable's memory must reach the variable but not the file (copy-on-write).
         variable = loaded.diffusion_model.weights[1]
-        address = _buffer_address(variable)
+        address = tensorflow_buffer_address(variable)
         assert any(begin <= address < end for begin, end in _file_ranges(path))
         before = variable.numpy().reshape(-1)[0]
         ctypes.memmove(address, np.float32(before + 1.0).tobytes(), 4)

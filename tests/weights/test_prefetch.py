@@ -1,14 +1,19 @@
 """Converting checkpoint tensors ahead of the models (`weights.prefetch`): the layout
 guesses against `state_dict.torch_layout` on full-size key sets, values against
-`streaming.to_keras_tensor`, and the worker's budget, order and shutdown."""
+`streaming.to_keras_tensor` and numpy's transpose, the worker's budget, order and
+shutdown, and on TensorFlow/CPU that loaded variables live in the arena (DLPack gives
+their buffer addresses) and give it back when they go."""
 
+import gc
 import threading
 
 import keras
 import numpy as np
 import pytest
 
-from keras_sd import presets
+from conftest import tensorflow_buffer_address
+from keras_sd import StableDiffusion, presets
+from keras_sd.backend import has_accelerator
 from keras_sd.weights import checkpoint, prefetch, streaming
 from keras_sd.weights.compvis import compvis_to_diffusers, diffusers_to_compvis
 from keras_sd.weights.state_dict import match_state_dict, torch_layout
@@ -126,3 +131,77 @@ def test_conversion_errors_reach_the_caller():
     with prefetch.Prefetch([(state, "", ())], "float32") as ahead:
         with pytest.raises(ValueError, match="cut short"):
             ahead.take(state["w.weight"], dense.kernel)
+
+
+@pytest.mark.parametrize(
+    "shape, permutation",
+    [
+        ((130, 7), (1, 0)),  # two full blocks of rows and a partial one
+        ((130, 7, 3, 3), (2, 3, 1, 0)),
+        ((5, 130, 1, 1), (2, 3, 1, 0)),
+        ((4, 6, 5), (2, 0, 1)),  # any other permutation
+        ((3, 4), None),
+    ],
+)
+def test_transpose_into_matches_numpy_and_casts_to_the_output_dtype(shape, permutation):
+    source = np.random.default_rng(0).standard_normal(shape).astype("float16")
+    expected = source if permutation is None else source.transpose(permutation)
+    out = np.full(expected.shape, np.nan, "float32")
+    streaming.transpose_into(source, out, permutation)
+    np.testing.assert_array_equal(out, expected.astype("float32"))
+
+
+def test_mapped_values_equal_read_values_and_slices_fall_back(tmp_path):
+    array = np.random.default_rng(0).standard_normal((3, 5)).astype("float32")
+    path = tmp_path / "w.safetensors"
+    # A first tensor of odd size puts the second at an offset that is not page-aligned.
+    streaming.write_safetensors(path, {"a": np.ones(3, "float16"), "w": array})
+    tensors, _ = streaming.read_safetensors(path)
+    assert tensors["w"].file_offset % 4096 != 0
+    with tensors["w"].mapped() as values:
+        np.testing.assert_array_equal(values, array)
+        assert not values.flags.writeable  # the file's own bytes: never written to
+    with tensors["w"][1:].mapped() as values:  # a slice has no offset of its own
+        np.testing.assert_array_equal(values, array[1:])
+
+
+ON_TENSORFLOW_CPU = keras.backend.backend() == "tensorflow" and not has_accelerator()
+
+
+@pytest.mark.skipif(not ON_TENSORFLOW_CPU, reason="variables adopt host memory on TF/CPU only")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_loaded_variables_live_in_the_arena_and_free_it_with_the_model(
+    tmp_path, monkeypatch, dtype
+):
+    sd = StableDiffusion(32, 32, jit_compile=False, config="tiny")
+    rng = np.random.default_rng(0)
+    for model in (sd.text_encoder, sd.diffusion_model, sd.decoder, sd.image_encoder):
+        for variable in model.weights:
+            variable.assign(rng.normal(0, 0.05, variable.shape).astype("float32"))
+    path = tmp_path / "tiny.safetensors"
+    checkpoint.save_checkpoint(sd, path, dtype=dtype)
+    arenas = []
+
+    def recorded(nbytes):
+        arena = make_arena(nbytes)
+        arenas.append((np.frombuffer(arena, np.uint8).ctypes.data, len(arena)))
+        return arena
+
+    make_arena = prefetch._anonymous_memory
+    monkeypatch.setattr(prefetch, "_anonymous_memory", recorded)
+    loaded = checkpoint.load_checkpoint(path, config="tiny", jit_compile=False)
+    (begin, size), outside = arenas[0], []
+    for attr in ("text_encoder", "diffusion_model", "decoder", "image_encoder"):
+        for ours, theirs in zip(
+            getattr(loaded, attr).weights, getattr(sd, attr).weights, strict=True
+        ):
+            expected = keras.ops.convert_to_numpy(theirs.value).astype(dtype).astype("float32")
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours.value), expected)
+            if not begin <= tensorflow_buffer_address(ours) < begin + size:
+                outside.append(ours.path)
+    assert not outside, outside
+    del loaded, ours
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        starts = {int(line.split("-")[0], 16) for line in maps}
+    assert begin - begin % 4096 not in starts  # unmapped once no variable uses it

@@ -1,31 +1,46 @@
-"""Convert checkpoint tensors in a worker thread while the models are still being built.
+"""Convert checkpoint tensors in worker threads while the models are still being built.
 
 Loading a full-size model spends over a second building Keras layers (pure Python)
-and several seconds reading and transposing tensors (file reads and backend kernels,
-which release the GIL). The transposes depend only on each tensor's layout, and the
-key and shape predict that layout before any model exists, so `Prefetch` starts them
-first and they run beside the build. Each guess is checked against the variable when
-its value is taken; a wrong one only costs a second conversion.
+and several seconds reading and transposing tensors (file reads and copies, which
+release the GIL). The transposes depend only on each tensor's layout, and the key and
+shape predict that layout before any model exists, so `Prefetch` starts them first and
+they run beside the build. Each guess is checked against the variable when its value is
+taken; a wrong one only costs a second conversion.
 
-On TensorFlow a variable adopts the tensor it is created from without a copy, so the
-values converted ahead are the variables' own memory and the worker may run ahead
-without limit. Elsewhere creating a variable copies, so the worker stays at most
+Where a variable adopts host memory it is created from (TensorFlow on CPU, through
+DLPack), every value is transposed by numpy straight into its slot of one memory area
+sized for all of them (the "arena"), from a memory map of the file, by as many workers
+as there are cores (up to `WORKERS`): the values are then the variables' own memory,
+nothing is read into a buffer first, and the first touches of that much new memory,
+which cost as much as the copying, are spread over the cores. Elsewhere creating a
+variable copies, so one worker converts with the backend's kernels and stays at most
 `AHEAD_BYTES` ahead of the consumer, keeping peak memory near the model's size.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
 
+from keras_sd import backend
 from keras_sd.weights.state_dict import select_entries, torch_layout
-from keras_sd.weights.streaming import convert_torch_tensor
+from keras_sd.weights.streaming import (
+    LazyTensor,
+    aligned_empty,
+    convert_torch_tensor,
+    transpose_into,
+)
 
 AHEAD_BYTES = 256 * 1024 * 1024
+WORKERS = 4  # arena workers at most; 2 on 2 cores were 1.7x faster than one
+_ALIGNMENT = 64  # bytes; what `backend.borrow_numpy` needs
+_ARENA_DTYPES = ("float16", "float32", "float64")
 # 2-D weights that are lookup tables, not linear layers: they keep their layout.
 _TABLES = ("token_embedding.weight", "position_embedding.weight")
 
@@ -61,16 +76,32 @@ def _same_values(guessed: tuple, actual: tuple) -> bool:
     )
 
 
+def _adopts_host_memory(dtype: str) -> bool:
+    """Whether a variable of `dtype` created from an aligned numpy array shares its memory
+    (numpy's own float dtypes only: numpy has no bfloat16)."""
+    return dtype in _ARENA_DTYPES and backend.borrow_numpy(aligned_empty((1,), dtype)) is not None
+
+
+def _anonymous_memory(nbytes: int) -> mmap.mmap:
+    """`nbytes` of new page-aligned memory, private to this process where the system
+    says so (an anonymous map is otherwise shared with child processes)."""
+    private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    if private:
+        return mmap.mmap(-1, max(1, nbytes), flags=private)
+    return mmap.mmap(-1, max(1, nbytes))
+
+
 class Prefetch:
-    """Converts the tensors of state dicts to backend tensors, in order, in one worker.
+    """Converts the tensors of state dicts to backend tensors, in order, in workers.
 
     Args:
         states: `(state_dict, prefix, ignore)` triples in the order their variables
             will be filled (as `streaming.match_torch_state` pairs them: the entries
             `state_dict.select_entries` picks, sorted by key).
         dtype: the dtype the variables will most likely have.
-        budget: bytes the worker may convert ahead of `take`. Default: unlimited on
-            TensorFlow (see above), else `AHEAD_BYTES`.
+        budget: bytes the worker may convert ahead of `take`. Default: unlimited where
+            variables adopt the values' memory (the arena, see above), else
+            `AHEAD_BYTES`; a given budget always means one worker and no arena.
 
     Use as a context manager; `take` is the `convert` of `streaming.match_torch_state`.
 
@@ -87,21 +118,31 @@ class Prefetch:
 
     def __init__(self, states, dtype, budget: float | None = None):
         self._dtype = keras.backend.standardize_dtype(dtype)
-        if budget is None:
-            budget = math.inf if keras.backend.backend() == "tensorflow" else AHEAD_BYTES
+        jobs = [
+            (tensor, guess_layout(key, tensor.shape))
+            for state, prefix, ignore in states
+            for key, tensor in sorted(select_entries(state, prefix, ignore).items())
+        ]
+        sizes = [math.prod(shape) * np.dtype(self._dtype).itemsize for _, (shape, _) in jobs]
+        slots = [None] * len(jobs)
+        self._arena = None
+        if budget is None and _adopts_host_memory(self._dtype):
+            budget, workers = math.inf, max(1, min(WORKERS, os.cpu_count() or 1))
+            padded = [-(-n // _ALIGNMENT) * _ALIGNMENT for n in sizes]
+            slots = np.cumsum([0, *padded[:-1]]).tolist()
+            self._arena = _anonymous_memory(sum(padded))
+        else:
+            budget, workers = (AHEAD_BYTES if budget is None else budget), 1
         self._budget = budget
         self._ahead, self._closed, self._wanted = 0, False, None
         self._turn = threading.Condition()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="keras-sd-prefetch")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="keras-sd-prefetch")
         self._jobs = {}
-        for state, prefix, ignore in states:
-            for key, tensor in sorted(select_entries(state, prefix, ignore).items()):
-                layout = guess_layout(key, tensor.shape)
-                nbytes = math.prod(layout[0]) * np.dtype(self._dtype).itemsize
-                future = self._pool.submit(self._convert, tensor, layout, nbytes)
-                self._jobs[id(tensor)] = (layout, nbytes, future)
+        for (tensor, layout), nbytes, slot in zip(jobs, sizes, slots, strict=True):
+            future = self._pool.submit(self._convert, tensor, layout, nbytes, slot)
+            self._jobs[id(tensor)] = (layout, nbytes, future)
 
-    def _convert(self, tensor, layout, nbytes):
+    def _convert(self, tensor, layout, nbytes, slot):
         with self._turn:
             self._turn.wait_for(
                 lambda: self._closed or self._ahead < self._budget or self._wanted is tensor
@@ -109,7 +150,18 @@ class Prefetch:
             if self._closed:
                 return None
             self._ahead += nbytes
-        return convert_torch_tensor(tensor, *layout, self._dtype)
+        if slot is None:
+            return convert_torch_tensor(tensor, *layout, self._dtype)
+        shape, permutation = layout
+        if permutation is not None:
+            shape = tuple(shape[axis] for axis in permutation)
+        out = np.frombuffer(self._arena, self._dtype, math.prod(shape), slot).reshape(shape)
+        if isinstance(tensor, LazyTensor):
+            with tensor.mapped() as values:
+                transpose_into(values.reshape(layout[0]), out, permutation)
+        else:
+            transpose_into(np.asarray(tensor).reshape(layout[0]), out, permutation)
+        return backend.borrow_numpy(out)
 
     def take(self, tensor, variable):
         """`variable`'s value from `tensor`: the one converted ahead when its layout was
@@ -141,6 +193,7 @@ class Prefetch:
             self._turn.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._jobs.clear()
+        self._arena = None  # the values taken keep their part of it
 
     def __enter__(self) -> Prefetch:
         return self
