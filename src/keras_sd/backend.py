@@ -332,6 +332,33 @@ def borrow_numpy(array):
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
+def adopt_numpy(array):
+    """A tensor made from `array` that keeps using its memory, or None where the backend
+    would copy it. `array` must not change afterwards.
+
+    TensorFlow on CPU adopts it through DLPack (`borrow_numpy`); JAX's `device_put` on
+    CPU takes a 64-byte-aligned host array without a copy, which is checked here (the
+    result's buffer must be `array`'s). For memory that outlives the tensor (a
+    variable's values), unlike `borrow_numpy`'s scratch use: JAX computes asynchronously,
+    so an array it shares must never be reused.
+
+    Example:
+    >>> from keras_sd.weights.streaming import aligned_empty
+    >>> array = aligned_empty((4,), "float32")
+    >>> array[:] = 1.0
+    >>> t = adopt_numpy(array)
+    >>> t is None or keras.ops.convert_to_numpy(t).tolist() == [1.0, 1.0, 1.0, 1.0]
+    True
+    """
+    tensor = borrow_numpy(array)
+    if tensor is not None or keras.backend.backend() != "jax" or has_accelerator():
+        return tensor
+    import jax
+
+    tensor = jax.device_put(array)  # (jnp.asarray copies)
+    return tensor if tensor.unsafe_buffer_pointer() == array.ctypes.data else None
+
+
 def compile_function(fn, jit_compile=True):
     """Compile a pure function of arrays for the current backend.
 

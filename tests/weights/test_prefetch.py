@@ -1,8 +1,8 @@
 """Converting checkpoint tensors ahead of the models (`weights.prefetch`): the layout
 guesses against `state_dict.torch_layout` on full-size key sets, values against
 `streaming.to_keras_tensor` and numpy's transpose, the worker's budget, order and
-shutdown, and on TensorFlow/CPU that loaded variables live in the arena (DLPack gives
-their buffer addresses) and give it back when they go."""
+shutdown, and on TensorFlow and JAX CPUs that loaded variables live in the arena (their
+buffer addresses) and give it back when they go."""
 
 import gc
 import threading
@@ -165,10 +165,16 @@ def test_mapped_values_equal_read_values_and_slices_fall_back(tmp_path):
         np.testing.assert_array_equal(values, array[1:])
 
 
-ON_TENSORFLOW_CPU = keras.backend.backend() == "tensorflow" and not has_accelerator()
+ADOPTING = keras.backend.backend() in ("tensorflow", "jax") and not has_accelerator()
 
 
-@pytest.mark.skipif(not ON_TENSORFLOW_CPU, reason="variables adopt host memory on TF/CPU only")
+def _buffer_address(variable) -> int:
+    if keras.backend.backend() == "jax":
+        return variable.value.unsafe_buffer_pointer()
+    return tensorflow_buffer_address(variable)
+
+
+@pytest.mark.skipif(not ADOPTING, reason="variables adopt host memory on TF/JAX CPUs only")
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_loaded_variables_live_in_the_arena_and_free_it_with_the_model(
     tmp_path, monkeypatch, dtype
@@ -197,7 +203,7 @@ def test_loaded_variables_live_in_the_arena_and_free_it_with_the_model(
         ):
             expected = keras.ops.convert_to_numpy(theirs.value).astype(dtype).astype("float32")
             np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours.value), expected)
-            if not begin <= tensorflow_buffer_address(ours) < begin + size:
+            if not begin <= _buffer_address(ours) < begin + size:
                 outside.append(ours.path)
     assert not outside, outside
     del loaded, ours

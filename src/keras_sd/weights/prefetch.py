@@ -7,14 +7,15 @@ shape predict that layout before any model exists, so `Prefetch` starts them fir
 they run beside the build. Each guess is checked against the variable when its value is
 taken; a wrong one only costs a second conversion.
 
-Where a variable adopts host memory it is created from (TensorFlow on CPU, through
-DLPack), every value is transposed by numpy straight into its slot of one memory area
-sized for all of them (the "arena"), from a memory map of the file, by as many workers
-as there are cores (up to `WORKERS`): the values are then the variables' own memory,
-nothing is read into a buffer first, and the first touches of that much new memory,
-which cost as much as the copying, are spread over the cores. Elsewhere creating a
-variable copies, so one worker converts with the backend's kernels and stays at most
-`AHEAD_BYTES` ahead of the consumer, keeping peak memory near the model's size.
+Where a variable adopts host memory it is created from (on CPUs: TensorFlow through
+DLPack, JAX by itself; `backend.adopt_numpy`), every value is transposed by numpy
+straight into its slot of one memory area sized for all of them (the "arena"), from a
+memory map of the file, by as many workers as there are cores (up to `WORKERS`): the
+values are then the variables' own memory, nothing is read into a buffer first, and the
+first touches of that much new memory, which cost as much as the copying, are spread
+over the cores. Elsewhere (PyTorch, GPUs) creating a variable copies, so one worker
+converts with the backend's kernels and stays at most `AHEAD_BYTES` ahead of the
+consumer, keeping peak memory near the model's size.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _same_values(guessed: tuple, actual: tuple) -> bool:
 def _adopts_host_memory(dtype: str) -> bool:
     """Whether a variable of `dtype` created from an aligned numpy array shares its memory
     (numpy's own float dtypes only: numpy has no bfloat16)."""
-    return dtype in _ARENA_DTYPES and backend.borrow_numpy(aligned_empty((1,), dtype)) is not None
+    return dtype in _ARENA_DTYPES and backend.adopt_numpy(aligned_empty((16,), dtype)) is not None
 
 
 def _anonymous_memory(nbytes: int) -> mmap.mmap:
@@ -161,7 +162,8 @@ class Prefetch:
                 transpose_into(values.reshape(layout[0]), out, permutation)
         else:
             transpose_into(np.asarray(tensor).reshape(layout[0]), out, permutation)
-        return backend.borrow_numpy(out)
+        adopted = backend.adopt_numpy(out)
+        return keras.ops.convert_to_tensor(out) if adopted is None else adopted
 
     def take(self, tensor, variable):
         """`variable`'s value from `tensor`: the one converted ahead when its layout was

@@ -17,10 +17,10 @@ read and one layout conversion per tensor instead of a random initialization plu
 copy (seconds instead of ~15 s on CPU), and peak memory stays near the model's own size
 instead of twice that. On TensorFlow/CPU `convert_torch_tensor` reads a tensor that
 needs a transpose into a reused per-thread buffer that the transpose reads in place
-(through DLPack), so the only new memory it costs is the variable's own; checkpoint
-loads there go further (`keras_sd.weights.prefetch`): `transpose_into` writes each value
-from a memory map of the file (`LazyTensor.mapped`) straight into the memory its
-variable adopts.
+(through DLPack), so the only new memory it costs is the variable's own. Checkpoint
+loads on TensorFlow and JAX CPUs go further (`keras_sd.weights.prefetch`):
+`transpose_into` writes each value from a memory map of the file (`LazyTensor.mapped`)
+straight into the memory its variable adopts.
 """
 
 from __future__ import annotations
