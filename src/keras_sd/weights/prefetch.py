@@ -8,14 +8,14 @@ they run beside the build. Each guess is checked against the variable when its v
 taken; a wrong one only costs a second conversion.
 
 Where a variable adopts host memory it is created from (on CPUs: TensorFlow through
-DLPack, JAX by itself; `backend.adopt_numpy`), every value is transposed by numpy
-straight into its slot of one memory area sized for all of them (the "arena"), from a
-memory map of the file, by as many workers as there are cores (up to `WORKERS`): the
-values are then the variables' own memory, nothing is read into a buffer first, and the
-first touches of that much new memory, which cost as much as the copying, are spread
-over the cores. Elsewhere (PyTorch, GPUs) creating a variable copies, so one worker
-converts with the backend's kernels and stays at most `AHEAD_BYTES` ahead of the
-consumer, keeping peak memory near the model's size.
+DLPack, JAX through `device_put`; `backend.adopt_numpy`), every value is transposed by
+numpy straight into its slot of one memory area sized for all of them (the "arena"),
+from a memory map of the file, by as many workers as there are cores (up to
+`WORKERS`): the values are then the variables' own memory, nothing is read into a
+buffer first, and the first touches of that much new memory, which cost as much as the
+copying, are spread over the cores. Elsewhere (PyTorch, GPUs) creating a variable
+copies, so one worker converts with the backend's kernels and stays at most
+`AHEAD_BYTES` ahead of the consumer, keeping peak memory near the model's size.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from keras_sd.weights.streaming import (
 )
 
 AHEAD_BYTES = 256 * 1024 * 1024
-WORKERS = 4  # arena workers at most; 2 on 2 cores were 1.7x faster than one
+WORKERS = 4  # arena workers at most; on 2 cores two converted SD 1.5 ~2x as fast as one
 _ALIGNMENT = 64  # bytes; what `backend.borrow_numpy` needs
 _ARENA_DTYPES = ("float16", "float32", "float64")
 # 2-D weights that are lookup tables, not linear layers: they keep their layout.
