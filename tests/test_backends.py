@@ -71,26 +71,46 @@ def test_borrow_numpy_shares_only_aligned_arrays():
 
 
 POOL_CHECK = """
-import sys
+import os, resource, sys
 if sys.argv[1] == "tensor-first":
     import tensorflow as tf
     tf.ones(3)
 import keras_sd
+import tensorflow as tf
 from keras_sd.backend import host_memory_pooled
-print(host_memory_pooled())
+
+def page_faults_of_a_new_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tf.random.uniform((64, 1024, 1024)).shape  # 256 MB, written in full
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+page_faults_of_a_new_buffer()  # whatever it holds on to, it has it now
+# 65,536 pages: a pool hands back the freed buffer, otherwise it is mapped afresh.
+print(os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"), host_memory_pooled(),
+      page_faults_of_a_new_buffer() < 16384)
 """
 
 
 @pytest.mark.parametrize(
-    "setting, order, expected",
+    "setting, order, pooled",
     [
-        (None, "import-first", "True"),  # keras_sd asks for the pooling allocator
-        ("false", "import-first", "False"),  # the user's choice is kept
-        (None, "tensor-first", "False"),  # too late: TensorFlow has chosen already
+        (None, "import-first", True),  # keras_sd asks for the pooling allocator
+        ("false", "import-first", None),  # the user's choice is kept
+        (None, "tensor-first", None),  # too late: TensorFlow has chosen already
     ],
 )
-def test_keras_sd_import_pools_tensorflow_host_memory(setting, order, expected):
+def test_keras_sd_import_pools_tensorflow_host_memory(setting, order, pooled):
     """Importing keras_sd before TensorFlow's first tensor selects the pooling CPU
-    allocator (see keras_sd/_host_memory.py), and `host_memory_pooled` reports it."""
+    allocator (see keras_sd/_host_memory.py) unless the user chose, and
+    `host_memory_pooled` tells whether freed memory is reused, as page faults show.
+
+    Without the request TensorFlow's default allocator maps each large buffer afresh,
+    except in builds whose oneDNN allocator pools by itself (seen on CPUs with
+    AVX-512), so those cases check agreement with the page faults, not a fixed answer.
+    """
     out = run_tensorflow_child(POOL_CHECK, order, allocator=setting)
-    assert out.strip().splitlines()[-1] == expected
+    variable, reported, reused = out.strip().splitlines()[-1].split()
+    assert variable == {None: "true", "false": "false"}[setting]
+    assert reported == reused
+    if pooled is not None:
+        assert reported == str(pooled)
