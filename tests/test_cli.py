@@ -1,7 +1,11 @@
 """The `keras-sd` command line: argument errors are one line and exit non-zero."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from keras_sd import cli
 
@@ -68,6 +72,18 @@ def test_save_image_is_atomic(tmp_path):
         cli.save_image(np.zeros((2, 2, 7), np.uint8), str(target))  # PIL cannot write 7 channels
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_saved_image_has_a_new_files_permissions(tmp_path):
+    # The temporary file is owner-only (mkstemp); the image must not stay that way.
+    target = tmp_path / "a.png"
+    umask = os.umask(0o022)
+    try:
+        cli.save_image(np.zeros((2, 2, 3), np.uint8), str(target))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert np.asarray(Image.open(target)).tolist() == np.zeros((2, 2, 3), int).tolist()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import sys
-import tempfile
 
 import numpy as np
 
@@ -130,12 +130,14 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 
 def save_image(image: np.ndarray, path: str) -> None:
-    """Write atomically: a failed write never leaves a half-written file at `path`."""
+    """Write atomically: a failed write never leaves a half-written file at `path`.
+    The file gets the permissions of any new file (the umask's; `tempfile.mkstemp`
+    would make it readable by its owner only)."""
     from PIL import Image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{os.path.splitext(name)[1]}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         Image.fromarray(image).save(tmp)
         os.replace(tmp, path)
