@@ -39,9 +39,6 @@ def max_abs_normalized_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / max(expected.std(), 1e-6))
 
 
-FULL_SIZE = "full-size"  # the xdist group of the tests that build full-size models
-
-
 def tensorflow_buffer_address(value) -> int:
     """Where a TensorFlow variable's (or tensor's) values are in memory, through DLPack
     (TF's `numpy()` would copy them)."""
@@ -57,6 +54,9 @@ def tensorflow_buffer_address(value) -> int:
             return (1, 0)  # CPU
 
     return np.from_dlpack(Exported()).ctypes.data
+
+
+FULL_SIZE = "full-size"  # the xdist group of the tests that build full-size models
 
 
 def _full_size(item) -> bool:

@@ -296,7 +296,9 @@ def enable_compile_cache(directory=None) -> str | None:
     return directory
 
 
-_TF_ALIGNMENT = 64  # bytes; Eigen's EIGEN_MAX_ALIGN_BYTES on AVX-512 builds
+# Bytes: where memory a backend adopts must start (`borrow_numpy`, `adopt_numpy`); Eigen's
+# EIGEN_MAX_ALIGN_BYTES on AVX-512 builds.
+HOST_ALIGNMENT = 64
 
 
 def borrow_numpy(array):
@@ -325,7 +327,7 @@ def borrow_numpy(array):
     """
     if keras.backend.backend() != "tensorflow" or has_accelerator():
         return None
-    if not array.flags.c_contiguous or array.ctypes.data % _TF_ALIGNMENT:
+    if not array.flags.c_contiguous or array.ctypes.data % HOST_ALIGNMENT:
         return None
     import tensorflow as tf
 

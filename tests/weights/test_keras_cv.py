@@ -16,11 +16,11 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import max_abs_normalized_error
+from conftest import FULL_SIZE, max_abs_normalized_error
 
 pytest.importorskip("keras_cv")
 # Full-size models: these run on the same xdist worker as the slow tests (conftest.py).
-pytestmark = pytest.mark.xdist_group("full-size")
+pytestmark = pytest.mark.xdist_group(FULL_SIZE)
 
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 from keras_cv.src.models.stable_diffusion import (  # noqa: E402

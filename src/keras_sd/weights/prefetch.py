@@ -20,6 +20,7 @@ copies, so one worker converts with the backend's kernels and stays at most
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -40,7 +41,6 @@ from keras_sd.weights.streaming import (
 
 AHEAD_BYTES = 256 * 1024 * 1024
 WORKERS = 4  # arena workers at most; on 2 cores two converted SD 1.5 ~2x as fast as one
-_ALIGNMENT = 64  # bytes; what `backend.borrow_numpy` needs
 _ARENA_DTYPES = ("float16", "float32", "float64")
 # 2-D weights that are lookup tables, not linear layers: they keep their layout.
 _TABLES = ("token_embedding.weight", "position_embedding.weight")
@@ -129,7 +129,8 @@ class Prefetch:
         self._arena = None
         if budget is None and _adopts_host_memory(self._dtype):
             budget, workers = math.inf, max(1, min(WORKERS, os.cpu_count() or 1))
-            padded = [-(-n // _ALIGNMENT) * _ALIGNMENT for n in sizes]
+            step = backend.HOST_ALIGNMENT
+            padded = [-(-n // step) * step for n in sizes]
             slots = np.cumsum([0, *padded[:-1]]).tolist()
             self._arena = _anonymous_memory(sum(padded))
         else:
@@ -157,11 +158,13 @@ class Prefetch:
         if permutation is not None:
             shape = tuple(shape[axis] for axis in permutation)
         out = np.frombuffer(self._arena, self._dtype, math.prod(shape), slot).reshape(shape)
-        if isinstance(tensor, LazyTensor):
-            with tensor.mapped() as values:
-                transpose_into(values.reshape(layout[0]), out, permutation)
-        else:
-            transpose_into(np.asarray(tensor).reshape(layout[0]), out, permutation)
+        source = (
+            tensor.mapped()
+            if isinstance(tensor, LazyTensor)
+            else contextlib.nullcontext(np.asarray(tensor))
+        )
+        with source as values:
+            transpose_into(values.reshape(layout[0]), out, permutation)
         adopted = backend.adopt_numpy(out)
         return keras.ops.convert_to_tensor(out) if adopted is None else adopted
 
