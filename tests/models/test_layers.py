@@ -1,5 +1,9 @@
 """Shared UNet/VAE blocks: config round trips and unit parity with PyTorch/diffusers."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
 from conftest import max_abs_normalized_error
+from keras_sd import backend
 from keras_sd.models.layers import (
     Attention,
     BasicTransformerBlock,
@@ -157,3 +162,132 @@ def test_tensorflow_attention_uses_batched_matmul_not_einsum():
     kinds = {op.type for op in graph.get_operations()}
     assert "BatchMatMulV2" in kinds or "BatchMatMulV3" in kinds
     assert "Einsum" not in kinds
+
+
+def _softmax_input_dtypes(query):
+    import tensorflow as tf
+
+    graph = tf.function(dot_product_attention).get_concrete_function(query, query, query).graph
+    return [op.inputs[0].dtype.name for op in graph.get_operations() if op.type == "Softmax"]
+
+
+def test_softmax_computes_in_float32_is_measured():
+    """The probe's answer holds on values it never saw: where it says the bfloat16
+    kernel computes in float32, its results equal the float32 path's bit for bit."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a TensorFlow kernel property")
+    import tensorflow as tf
+
+    assert backend.softmax_computes_in_float32("float32")
+    x = np.random.default_rng(7).standard_normal((16, 1000)).astype("float32") * 6
+    for dtype in ("bfloat16", "float16"):
+        low = tf.constant(x, dtype)
+        native = tf.function(lambda t: tf.nn.softmax(t))(low)
+        upcast = tf.cast(tf.nn.softmax(tf.cast(low, "float32")), dtype)
+        same = bool(tf.reduce_all(native == upcast))
+        assert backend.softmax_computes_in_float32(dtype) == same, dtype
+
+
+def test_softmax_probe_refuses_a_kernel_that_rounds_in_between():
+    """With oneDNN off, TensorFlow's own bfloat16 softmax rounds its intermediates: the
+    probe must say so (checked in a fresh process, the switch is read at import)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a TensorFlow kernel property")
+    code = (
+        "import keras_sd.backend as b;"
+        "print(b.softmax_computes_in_float32('bfloat16'), b.softmax_computes_in_float32('float32'))"
+    )
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_tensorflow_attention_skips_the_float32_copy_only_where_it_is_exact(monkeypatch):
+    """bfloat16 logits go to the softmax as they are where the kernel computes in float32,
+    else through a float32 copy; the outputs agree with float32 attention either way."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the TensorFlow formulation")
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 64, 2, 8)).astype("float32") for _ in "qkv")
+    reference = keras.ops.convert_to_numpy(dot_product_attention(q, k, v))
+    low = [tf.constant(t, "bfloat16") for t in (q, k, v)]
+    outputs = {}
+    for exact in (True, False):
+        monkeypatch.setattr(backend, "softmax_computes_in_float32", lambda dtype, e=exact: e)
+        assert _softmax_input_dtypes(low[0]) == ["bfloat16" if exact else "float32"]
+        got = tf.function(dot_product_attention)(*low)
+        outputs[exact] = keras.ops.convert_to_numpy(keras.ops.cast(got, "float32"))
+        np.testing.assert_allclose(outputs[exact], reference, atol=0.03)
+    monkeypatch.undo()
+    if backend.softmax_computes_in_float32("bfloat16"):
+        np.testing.assert_array_equal(outputs[True], outputs[False])
+    assert _softmax_input_dtypes(tf.constant(q)) == ["float32"]
+
+
+def _group_norm_float64(x, groups, weight, bias, epsilon):
+    b, h, w, c = x.shape
+    xg = x.astype("float64").reshape(b, h * w, groups, c // groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    return ((xg - mean) / np.sqrt(var + epsilon)).reshape(x.shape) * weight + bias
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_group_norm_fused_path_matches_float64(monkeypatch, dtype, batch):
+    """TensorFlow's fused path (CPU, outside XLA) against a float64 reference, on
+    activations whose mean is far from zero (where E[x^2] - E[x]^2 would cancel), and
+    no worse than the plain formulation; the graph must really use the fused kernel."""
+    if not backend.fused_group_norm_applies(keras.ops.ones((1, 2, 2, 4))):
+        pytest.skip("the fused path is TensorFlow's, on a CPU")
+    import tensorflow as tf
+
+    rng = np.random.default_rng(batch)
+    x = (rng.standard_normal((batch, 6, 10, 32)) * 0.5 + 40 * rng.standard_normal(32)).astype(
+        "float32"
+    )
+    weight, bias = rng.standard_normal(32), rng.standard_normal(32)
+    norm = GroupNorm(8, 1e-6, dtype=dtype)
+    norm.build(x.shape)
+    norm.weight.assign(weight.astype("float32"))
+    norm.bias.assign(bias.astype("float32"))
+    stored = [keras.ops.convert_to_numpy(keras.ops.cast(v, "float32")) for v in norm.weights]
+    low = tf.constant(x, dtype)
+    expected = _group_norm_float64(
+        keras.ops.convert_to_numpy(keras.ops.cast(low, "float32")), 8, *stored, 1e-6
+    )
+    graph = tf.function(norm).get_concrete_function(low).graph
+    assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+    fused = keras.ops.convert_to_numpy(keras.ops.cast(norm(low), "float32"))
+    monkeypatch.setattr(backend, "fused_group_norm_applies", lambda x: False)
+    plain = keras.ops.convert_to_numpy(keras.ops.cast(norm(low), "float32"))
+    fused_error, plain_error = np.abs(fused - expected).max(), np.abs(plain - expected).max()
+    assert fused_error <= max(plain_error, 1e-5) * 1.5, (fused_error, plain_error)
+    assert fused_error < (2e-3 if dtype == "float32" else 0.1)
+
+
+def test_group_norm_fused_path_has_the_plain_gradients(monkeypatch):
+    """The fused kernel's own gradient ignores its statistics; the layer's must not."""
+    if not backend.fused_group_norm_applies(keras.ops.ones((1, 2, 2, 4))):
+        pytest.skip("the fused path is TensorFlow's, on a CPU")
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((2, 4, 4, 16)).astype("float32") + 3)
+    probe = tf.constant(rng.standard_normal((2, 4, 4, 16)).astype("float32"))
+    norm = GroupNorm(4, 1e-5)
+    norm.build(x.shape)
+    norm.weight.assign(rng.standard_normal(16).astype("float32"))
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(backend, "fused_group_norm_applies", lambda x, f=fused: f)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(norm(x) * probe)
+        grads.append(tape.gradient(loss, [x, norm.weight.value, norm.bias.value]))
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
+    assert float(tf.reduce_max(tf.abs(grads[0][0]))) > 1e-3  # not trivially zero
