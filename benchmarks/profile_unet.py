@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import subprocess
 import sys
@@ -54,7 +53,9 @@ def best_times(graphs: dict, args: tuple, repeats: int) -> dict:
 
 
 def rand(*shape):
-    return tf.constant(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+    """Random inputs in the policy's compute dtype, as the layers get them in a model."""
+    values = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    return tf.constant(values, keras.config.dtype_policy().compute_dtype)
 
 
 def pieces(size: int, batch: int):
@@ -144,37 +145,6 @@ def plain(model):
 
 
 # Candidate replacements, measured on the whole keras-sd UNet with --ablate.
-def _groupnorm_compute_dtype(self, x):
-    """GroupNorm with float32 statistics but the full-size arithmetic in the compute dtype."""
-    shape = ops.shape(x)
-    per_group = x.shape[-1] // self.groups
-    xg = ops.reshape(x, (shape[0], -1, self.groups, per_group))
-    mean, var = ops.moments(ops.cast(xg, "float32"), axes=(1, 3), keepdims=True)
-    scale = ops.rsqrt(var + self.epsilon) * ops.reshape(self.weight, (self.groups, per_group))
-    shift = ops.reshape(self.bias, (self.groups, per_group)) - mean * scale
-    dt = self.compute_dtype
-    return ops.reshape(xg * ops.cast(scale, dt) + ops.cast(shift, dt), shape)
-
-
-def _attention_matmul(self, x, context=None):
-    """Attention as two batched matmuls, the scale folded into q, softmax still in float32.
-
-    `ops.dot_product_attention` on TensorFlow scales the [B, heads, T, S] logits
-    in a separate float32 pass; scaling q ([B, T, heads, d], S/d times smaller)
-    saves that pass.
-    """
-    context = x if context is None else context
-    b, t, s = ops.shape(x)[0], ops.shape(x)[1], ops.shape(context)[1]
-    h, d = self.num_heads, self.head_dim
-    q = self.to_q(x) * ops.cast(1.0 / math.sqrt(d), self.compute_dtype)
-    q = ops.transpose(ops.reshape(q, (b, t, h, d)), (0, 2, 1, 3))
-    k = ops.transpose(ops.reshape(self.to_k(context), (b, s, h, d)), (0, 2, 3, 1))
-    v = ops.transpose(ops.reshape(self.to_v(context), (b, s, h, d)), (0, 2, 1, 3))
-    weights = ops.softmax(ops.cast(ops.matmul(q, k), "float32"))
-    out = ops.matmul(ops.cast(weights, self.compute_dtype), v)
-    return self.to_out(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, h * d)))
-
-
 def _tanh_gelu_call(self, x, context):
     """BasicTransformerBlock with GEGLU's gelu in its tanh form (as KerasCV computes it)."""
     x = x + self.attn1(self.norm1(x))
@@ -183,38 +153,31 @@ def _tanh_gelu_call(self, x, context):
     return x + self.ff_out(value * ops.gelu(gate, approximate=True))
 
 
-def _groupnorm_float32_weights(self, x):
-    """GroupNorm that also works under pure bfloat16/float16 policies (weights cast up)."""
-    shape = ops.shape(x)
-    per_group = x.shape[-1] // self.groups
-    x = ops.reshape(ops.cast(x, "float32"), (shape[0], -1, self.groups, per_group))
-    mean, var = ops.moments(x, axes=(1, 3), keepdims=True)
-    weight = ops.reshape(ops.cast(self.weight, "float32"), (self.groups, per_group))
-    scale = ops.rsqrt(var + self.epsilon) * weight
-    shift = ops.reshape(ops.cast(self.bias, "float32"), (self.groups, per_group)) - mean * scale
-    return ops.cast(ops.reshape(x * scale + shift, shape), self.compute_dtype)
+def _never(*args):
+    return False
+
+
+def _only_float32(dtype):
+    return keras.backend.standardize_dtype(dtype) == "float32"
 
 
 def ablations(policy: str):
-    """{change: (class, method, replacement, UNet dtype policy or None)}."""
+    """{change: (class or module, attribute, replacement, UNet dtype policy or None)}."""
+    from keras_sd import backend
     from keras_sd.models import layers as ks
 
     out = {
-        "GroupNorm: scale/shift applied in compute dtype": (
-            ks.GroupNorm, "call", _groupnorm_compute_dtype, None),
-        "Attention: matmuls, scale folded into q (softmax f32) vs ops.dot_product_attention": (
-            ks.Attention, "call", _attention_matmul, None),
+        "GroupNorm: the plain formulation instead of the fused batch-norm kernel": (
+            backend, "fused_group_norm_applies", _never, None),
+        "Attention: softmax of a float32 copy of the logits": (
+            backend, "softmax_computes_in_float32", _only_float32, None),
         "GEGLU: tanh gelu instead of erf": (
             ks.BasicTransformerBlock, "call", _tanh_gelu_call, None),
     }  # fmt: skip
     if policy.startswith("mixed_"):
         pure = policy.removeprefix("mixed_")
-        out[f"weights stored in {pure} (pure '{pure}' policy; GroupNorm casts its weights)"] = (
-            ks.GroupNorm,
-            "call",
-            _groupnorm_float32_weights,
-            pure,
-        )
+        out[f"weights stored in {pure} (pure '{pure}' policy)"] = (
+            ks.GroupNorm, "call", ks.GroupNorm.call, pure)  # fmt: skip
     return out
 
 

@@ -264,7 +264,8 @@ class GroupNorm(layers.Layer):
         )
 
     def call(self, x):
-        if backend.fused_group_norm_applies(x) and x.dtype == self.compute_dtype:
+        same_dtype = keras.backend.standardize_dtype(x.dtype) == self.compute_dtype
+        if same_dtype and backend.fused_group_norm_applies(x):
             return backend.fused_group_norm(
                 x, self.groups, self.weight, self.bias, self.epsilon, self._plain
             )
