@@ -75,7 +75,7 @@ def test_save_image_is_atomic(tmp_path):
 
 
 def test_saved_image_has_a_new_files_permissions(tmp_path):
-    # The temporary file is owner-only (mkstemp); the image must not stay that way.
+    # A temporary file from tempfile.mkstemp would be owner-only; the image must not be.
     target = tmp_path / "a.png"
     umask = os.umask(0o022)
     try:
