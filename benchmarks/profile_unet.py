@@ -174,6 +174,8 @@ def ablations(policy: str):
             backend, "fused_group_norm_applies", _never, None),
         "Attention: softmax of a float32 copy of the logits": (
             backend, "softmax_computes_in_float32", _only_float32, None),
+        "Conv3x3: the backend's convolution instead of GEMM for large kernels": (
+            ks, "GEMM_RULES", (), None),
         "GEGLU: tanh gelu instead of erf": (
             ks.BasicTransformerBlock, "call", _tanh_gelu_call, None),
     }  # fmt: skip

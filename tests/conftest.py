@@ -122,18 +122,29 @@ def _seed_everything():
     np.random.seed(0)
 
 
-@pytest.fixture
-def winograd_calls(monkeypatch):
-    """Records the input shape of each call of `layers.winograd_conv3x3` by a layer
-    (at trace time when compiled)."""
+def _record_calls(monkeypatch, name: str) -> list:
+    """Records the input shape of each call of the convolution `layers.<name>` by a
+    layer (at trace time when compiled)."""
     from keras_sd.models import layers
 
     calls = []
-    winograd = layers.winograd_conv3x3
+    compute = getattr(layers, name)
 
     def counted(x, kernel):
         calls.append(tuple(x.shape))
-        return winograd(x, kernel)
+        return compute(x, kernel)
 
-    monkeypatch.setattr(layers, "winograd_conv3x3", counted)
+    monkeypatch.setattr(layers, name, counted)
     return calls
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch):
+    """Input shapes of the Winograd convolutions layers ran (`layers.winograd_conv3x3`)."""
+    return _record_calls(monkeypatch, "winograd_conv3x3")
+
+
+@pytest.fixture
+def gemm_calls(monkeypatch):
+    """Input shapes of the GEMM convolutions layers ran (`layers.gemm_conv3x3`)."""
+    return _record_calls(monkeypatch, "gemm_conv3x3")

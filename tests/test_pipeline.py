@@ -190,17 +190,22 @@ def test_jit_compile_matches_diffusers(tmp_path):
     assert_close(run_comparison(tmp_path, jit_compile=True))
 
 
-def test_winograd_convolutions_match_diffusers(tmp_path, winograd_calls):
-    """Every 3x3 convolution of the UNet and VAE by Winograd (the tiny model's inputs
-    are below the "auto" size threshold, so it is chosen explicitly)."""
+@pytest.mark.parametrize("algorithm, jit_compile", [("winograd", True), ("gemm", False)])
+def test_convolution_algorithms_match_diffusers(
+    tmp_path, algorithm, jit_compile, winograd_calls, gemm_calls
+):
+    """Every 3x3 convolution of the UNet and VAE by Winograd (under XLA) or by one
+    GEMM over the patches (outside XLA where the backend has a graph mode), chosen
+    explicitly: the tiny model is below the "auto" thresholds."""
     from keras_sd.models.layers import set_conv_algorithm
 
-    previous = set_conv_algorithm("winograd")
+    previous = set_conv_algorithm(algorithm)
     try:
-        assert_close(run_comparison(tmp_path, jit_compile=True))
+        assert_close(run_comparison(tmp_path, jit_compile=jit_compile))
     finally:
         set_conv_algorithm(previous)
-    assert len(winograd_calls) > 10
+    calls = winograd_calls if algorithm == "winograd" else gemm_calls
+    assert len(calls) > 10 and not (winograd_calls if algorithm == "gemm" else gemm_calls)
 
 
 if __name__ == "__main__":

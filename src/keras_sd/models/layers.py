@@ -61,7 +61,7 @@ def dot_product_attention(query, key, value, is_causal: bool = False):
     return ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
 
 
-CONV_ALGORITHMS = ("auto", "direct", "winograd")
+CONV_ALGORITHMS = ("auto", "direct", "winograd", "gemm")
 _conv_algorithm = {"value": "auto"}
 
 # Conv3x3 "auto": Winograd from this many 2x2 output tiles (batch x H/2 x W/2) up.
@@ -72,17 +72,32 @@ _conv_algorithm = {"value": "auto"}
 # transformed kernel (16/9 of the weights) is re-read for too few tiles.
 WINOGRAD_MIN_TILES = 256
 
+# Conv3x3 "auto": one matrix product over the 3x3 patches (`gemm_conv3x3`) where
+# TensorFlow's own CPU convolution (oneDNN) is slowest: kernels of many megabytes applied
+# to few output positions. A call takes it when its rows (batch x H x W) and its kernel's
+# bytes in the compute dtype meet either (rows, bytes) pair below. Measured on a 2-core
+# AVX-512 BF16 CPU, graph mode, bfloat16 and float32, one convolution against
+# `tf.nn.conv2d` (benchmarks/RESULTS.md, 2026-11-28 night): 0.35-0.6x the time for the
+# SD 1.5 UNet's 1920- and 2560-channel inputs at 4x4 and 8x8 (rows 32 and 128, batch 2),
+# 0.78x for 1280 channels at 4x4, 0.87-0.98x at 16x16 (rows 512); slower (1.05-1.5x) for
+# smaller kernels or more rows, e.g. 1280 channels at 16x16 in bfloat16.
+GEMM_RULES = ((512, 40e6), (64, 16e6))
+
 
 def set_conv_algorithm(algorithm: str) -> str:
     """Choose how `Conv3x3` layers compute; returns the previous choice.
 
     Args:
-        algorithm: "auto" (default): Winograd's F(2x2, 3x3) where it was measured
-            faster, i.e. while `keras_sd.backend.compile_function` traces for XLA
-            (TensorFlow XLA or JAX) on a CPU, in float32, for inputs of at least
-            `WINOGRAD_MIN_TILES` output tiles; the backend's convolution otherwise.
-            "direct": always the backend's convolution. "winograd": Winograd for
-            every eligible call (any device and dtype; for tests and experiments).
+        algorithm: "auto" (default): each algorithm where it was measured faster.
+            Winograd's F(2x2, 3x3) while `keras_sd.backend.compile_function` traces
+            for XLA (TensorFlow XLA or JAX) on a CPU, in float32, for inputs of at
+            least `WINOGRAD_MIN_TILES` output tiles; one matrix product over the
+            patches (`gemm_conv3x3`) on a TensorFlow CPU outside XLA where
+            `GEMM_RULES` says the kernel is large for the number of output positions;
+            the backend's convolution otherwise. "direct": always the backend's
+            convolution. "winograd" / "gemm": that algorithm for every eligible call
+            (any backend, device and dtype; Winograd needs even sizes), for tests and
+            experiments.
 
     Example:
     >>> previous = set_conv_algorithm("direct")
@@ -160,14 +175,58 @@ def winograd_conv3x3(x, kernel):
     return ops.reshape(ops.stack([y0, y1], axis=2), (-1, h, w, cout))  # [B, th, 2, tw, 2, C]
 
 
+def _itemsize(dtype) -> int:
+    """Bytes per element of a float dtype ("bfloat16" -> 2)."""
+    return int("".join(c for c in keras.backend.standardize_dtype(dtype) if c.isdigit())) // 8
+
+
+def gemm_conv3x3(x, kernel):
+    """A 3x3, stride-1, "same"-padded convolution as one matrix product ("im2col").
+
+    The nine shifted copies of the zero-padded input are concatenated along channels,
+    `[B*H*W, 9*Cin]`, and multiplied by the kernel read as `[9*Cin, Cout]` (its memory
+    order already), so the work is one large `matmul` and the kernel is used as stored.
+    Costs a patch buffer nine times the input's size. Equals the direct convolution up
+    to float rounding.
+
+    Args:
+        x: `[B, H, W, Cin]` with static H and W.
+        kernel: `[3, 3, Cin, Cout]`.
+
+    Returns:
+        `[B, H, W, Cout]`.
+
+    Example:
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).standard_normal((1, 5, 3, 2)).astype("float32")
+    >>> k = np.random.default_rng(1).standard_normal((3, 3, 2, 4)).astype("float32")
+    >>> direct = keras.ops.conv(x, k, padding="same")
+    >>> float(keras.ops.max(keras.ops.abs(gemm_conv3x3(x, k) - direct))) < 1e-4
+    True
+    """
+    _, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    if h is None or w is None or cin is None:
+        raise ValueError(
+            "gemm_conv3x3: x must have static height, width and channels; received "
+            f"shape {tuple(x.shape)}."
+        )
+    xp = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # (row offset, column offset, channel): the order of the kernel's first three axes.
+    patches = ops.concatenate([xp[:, a : a + h, b : b + w] for a in range(3) for b in range(3)], -1)
+    out = ops.matmul(ops.reshape(patches, (-1, 9 * cin)), ops.reshape(kernel, (9 * cin, cout)))
+    return ops.reshape(out, (-1, h, w, cout))
+
+
 @keras.saving.register_keras_serializable(package="keras_sd")
 class Conv3x3(layers.Conv2D):
-    """A 3x3, stride-1, "same" `keras.layers.Conv2D` that can compute by Winograd.
+    """A 3x3, stride-1, "same" `keras.layers.Conv2D` that can compute by Winograd or GEMM.
 
     Same variables, names and results as `Conv2D(filters, 3, padding="same")`;
-    `set_conv_algorithm` says when `winograd_conv3x3` replaces the backend's
-    convolution (by default: XLA on a CPU, float32, large enough inputs, where it was
-    1.1-1.8x faster per convolution).
+    `set_conv_algorithm` says when `winograd_conv3x3` or `gemm_conv3x3` replaces the
+    backend's convolution (by default: Winograd under XLA on a CPU in float32 for large
+    enough inputs, where it was 1.1-1.8x faster per convolution; GEMM on a TensorFlow
+    CPU outside XLA for large kernels on few positions, `GEMM_RULES`).
 
     Example:
     >>> conv = Conv3x3(4)
@@ -185,31 +244,41 @@ class Conv3x3(layers.Conv2D):
                 f"{self.kernel_size}, {self.strides}, {self.padding!r}."
             )
 
-    def _use_winograd(self, x) -> bool:
+    def _algorithm(self, x) -> str:
+        """ "winograd", "gemm" or "direct" for input `x` (shapes are static when compiled)."""
         algorithm = _conv_algorithm["value"]
-        n, h, w, _ = x.shape
-        eligible = (
-            self.dilation_rate == (1, 1)
-            and self.groups == 1
-            and self.data_format == "channels_last"
-            and None not in (n, h, w)
-            and h % 2 == 0
-            and w % 2 == 0
-        )
-        if not eligible or algorithm == "direct":
-            return False
-        return algorithm == "winograd" or (
-            backend.tracing_for_xla()
-            and self.compute_dtype == "float32"
-            and n * (h // 2) * (w // 2) >= WINOGRAD_MIN_TILES
-            and not backend.has_accelerator()
-        )
+        n, h, w, cin = x.shape
+        if (
+            algorithm == "direct"
+            or self.dilation_rate != (1, 1)
+            or self.groups != 1
+            or self.data_format != "channels_last"
+            or None in (n, h, w, cin)
+        ):
+            return "direct"
+        even = h % 2 == 0 and w % 2 == 0
+        if algorithm != "auto":
+            return algorithm if algorithm == "gemm" or even else "direct"
+        if backend.has_accelerator():
+            return "direct"
+        if backend.tracing_for_xla():
+            tiles = n * (h // 2) * (w // 2)
+            winograd = even and self.compute_dtype == "float32" and tiles >= WINOGRAD_MIN_TILES
+            return "winograd" if winograd else "direct"
+        if keras.backend.backend() != "tensorflow":
+            return "direct"
+        rows = n * h * w
+        kernel_bytes = 9 * cin * self.filters * _itemsize(x.dtype)
+        gemm = any(rows <= most and kernel_bytes >= least for most, least in GEMM_RULES)
+        return "gemm" if gemm else "direct"
 
     def convolution_op(self, inputs, kernel):
         # Keras' Conv2D.call adds the bias and activation around this.
-        if not self._use_winograd(inputs):
+        algorithm = self._algorithm(inputs)
+        if algorithm == "direct":
             return super().convolution_op(inputs, kernel)
-        return winograd_conv3x3(inputs, ops.cast(kernel, inputs.dtype))
+        compute = winograd_conv3x3 if algorithm == "winograd" else gemm_conv3x3
+        return compute(inputs, ops.cast(kernel, inputs.dtype))
 
     def get_config(self):
         config = super().get_config()

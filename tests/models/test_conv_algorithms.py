@@ -1,4 +1,5 @@
-"""Winograd F(2x2, 3x3) convolutions: exact up to rounding, and used only where chosen."""
+"""Winograd F(2x2, 3x3) and GEMM ("im2col") 3x3 convolutions: exact up to rounding, and
+used only where chosen."""
 
 import keras
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from keras_sd import backend
-from keras_sd.models.layers import Conv3x3, set_conv_algorithm, winograd_conv3x3
+from keras_sd.models import layers
+from keras_sd.models.layers import Conv3x3, gemm_conv3x3, set_conv_algorithm, winograd_conv3x3
 
 BACKEND = keras.backend.backend()
 
@@ -58,9 +60,9 @@ def test_conv_algorithm_is_validated(algorithm):
         Conv3x3(4, strides=2)
 
 
-def run_layer(x, jit=None, dtype="float32"):
+def run_layer(x, jit=None, dtype="float32", filters=6):
     """A fresh Conv3x3 on `x`: eager (jit None) or through `compile_function(jit)`."""
-    conv = Conv3x3(6, dtype=dtype)
+    conv = Conv3x3(filters, dtype=dtype)
     conv.build(x.shape)
     keras.utils.set_random_seed(3)
     conv.bias.assign(keras.random.normal(conv.bias.shape))
@@ -89,7 +91,9 @@ def test_auto_uses_winograd_under_xla_in_float32_for_large_inputs(algorithm, win
     "case",
     ["eager", "graph", "small input", "bfloat16", "direct chosen", "accelerator"],
 )
-def test_auto_keeps_the_direct_convolution(case, algorithm, winograd_calls, monkeypatch):
+def test_auto_keeps_the_direct_convolution(
+    case, algorithm, winograd_calls, gemm_calls, monkeypatch
+):
     x, jit, dtype = random(LARGE, 0), True, "float32"
     if case == "eager":
         jit = None
@@ -106,7 +110,7 @@ def test_auto_keeps_the_direct_convolution(case, algorithm, winograd_calls, monk
     else:
         monkeypatch.setattr(backend, "has_accelerator", lambda: True)
     out, (kernel, bias) = run_layer(x, jit=jit, dtype=dtype)
-    assert winograd_calls == []
+    assert winograd_calls == [] and gemm_calls == []
     tolerance = 0.1 if dtype == "bfloat16" else 1e-4
     np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=tolerance, rtol=0.02)
 
@@ -117,3 +121,64 @@ def test_winograd_chosen_applies_everywhere(algorithm, winograd_calls):
     out, (kernel, bias) = run_layer(x)
     assert winograd_calls == [SMALL]
     np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
+
+
+GEMM_SHAPES = SHAPES + [((1, 5, 3, 2), 4), ((2, 1, 7, 3), 5)]
+
+
+@pytest.mark.parametrize("shape, cout", GEMM_SHAPES)
+def test_gemm_matches_torch_convolution(shape, cout):
+    x, kernel = random(shape, 0), random((3, 3, shape[-1], cout), 1)
+    out = keras.ops.convert_to_numpy(gemm_conv3x3(x, kernel))
+    expected = torch_conv3x3(x, kernel)
+    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_gemm_needs_static_sizes():
+    with pytest.raises(ValueError, match="static height, width and channels"):
+        gemm_conv3x3(keras.KerasTensor((1, None, 4, 2)), random((3, 3, 2, 2), 1))
+
+
+def test_gemm_chosen_applies_everywhere(algorithm, gemm_calls, winograd_calls):
+    algorithm("gemm")
+    x = random((1, 5, 7, 4), 0)  # odd sizes: no Winograd, GEMM still applies
+    out, (kernel, bias) = run_layer(x, jit=True)
+    assert gemm_calls == [(1, 5, 7, 4)] and winograd_calls == []
+    np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
+
+
+# Outside XLA on a TensorFlow CPU, "auto" picks GEMM by GEMM_RULES: (rows, kernel bytes).
+@pytest.mark.parametrize(
+    "shape, rules, chosen",
+    [
+        ((1, 8, 8, 4), ((64, 864),), True),  # rows 64, 9*4*6*4 = 864 bytes: both at the bound
+        ((1, 8, 10, 4), ((64, 864),), False),  # one row too many
+        ((1, 8, 8, 4), ((64, 865),), False),  # one byte too few
+        ((1, 8, 8, 4), ((16, 1), (64, 864)), True),  # the second rule
+    ],
+)
+@pytest.mark.parametrize("jit", [None, False])
+def test_auto_uses_gemm_by_its_rules(shape, rules, chosen, jit, algorithm, gemm_calls, monkeypatch):
+    if BACKEND == "jax" and jit is False:
+        pytest.skip("JAX has no compiled mode other than XLA")
+    monkeypatch.setattr(layers, "GEMM_RULES", rules)
+    x = random(shape, 0)
+    out, (kernel, bias) = run_layer(x, jit=jit)
+    # Measured on TensorFlow's oneDNN kernels only; other backends keep theirs.
+    assert gemm_calls == ([shape] if chosen and BACKEND == "tensorflow" else [])
+    np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_auto_uses_gemm_for_sd_sized_kernels_on_few_positions(dtype, algorithm, gemm_calls):
+    """The real rules: a 1280-channel 3x3 kernel (29 MB in bfloat16) at 4x4, as at the
+    SD 1.5 UNet's lowest level for 256 px images, but not on 576 positions (rows)."""
+    small, large = random((1, 4, 4, 1280), 0), random((1, 24, 24, 1280), 0)
+    jit = None if BACKEND == "jax" else False
+    out, (kernel, bias) = run_layer(small, jit=jit, dtype=dtype, filters=1280)
+    run_layer(large, jit=jit, dtype=dtype, filters=1280)
+    assert gemm_calls == ([small.shape] if BACKEND == "tensorflow" else [])
+    expected = torch_conv3x3(small, kernel, bias)
+    # bfloat16 inputs and products, float32 sums: about 2**-8 of the output's size.
+    tolerance = 1e-4 if dtype == "float32" else 0.02 * np.abs(expected).max()
+    np.testing.assert_allclose(out, expected, atol=tolerance)
