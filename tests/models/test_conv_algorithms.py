@@ -39,10 +39,18 @@ def random(shape, seed):
 SHAPES = [((1, 4, 4, 1), 1), ((2, 6, 10, 5), 7), ((3, 16, 8, 32), 24)]
 
 
-@pytest.mark.parametrize("shape, cout", SHAPES)
-def test_winograd_matches_torch_convolution(shape, cout):
+# GEMM also takes odd and unit sizes.
+GEMM_SHAPES = SHAPES + [((1, 5, 3, 2), 4), ((2, 1, 7, 3), 5)]
+
+
+@pytest.mark.parametrize(
+    "compute, shape, cout",
+    [(winograd_conv3x3, *case) for case in SHAPES]
+    + [(gemm_conv3x3, *case) for case in GEMM_SHAPES],
+)
+def test_matches_torch_convolution(compute, shape, cout):
     x, kernel = random(shape, 0), random((3, 3, shape[-1], cout), 1)
-    out = keras.ops.convert_to_numpy(winograd_conv3x3(x, kernel))
+    out = keras.ops.convert_to_numpy(compute(x, kernel))
     expected = torch_conv3x3(x, kernel)
     # float32 rounding only: ~1e-6 of the largest output was measured.
     assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -121,17 +129,6 @@ def test_winograd_chosen_applies_everywhere(algorithm, winograd_calls):
     out, (kernel, bias) = run_layer(x)
     assert winograd_calls == [SMALL]
     np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
-
-
-GEMM_SHAPES = SHAPES + [((1, 5, 3, 2), 4), ((2, 1, 7, 3), 5)]
-
-
-@pytest.mark.parametrize("shape, cout", GEMM_SHAPES)
-def test_gemm_matches_torch_convolution(shape, cout):
-    x, kernel = random(shape, 0), random((3, 3, shape[-1], cout), 1)
-    out = keras.ops.convert_to_numpy(gemm_conv3x3(x, kernel))
-    expected = torch_conv3x3(x, kernel)
-    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_gemm_needs_static_sizes():
