@@ -79,7 +79,7 @@ WINOGRAD_MIN_TILES = 256
 # AVX-512 BF16 CPU, graph mode, bfloat16 and float32, one convolution against
 # `tf.nn.conv2d` (benchmarks/RESULTS.md, 2026-11-28 night): 0.35-0.6x the time for the
 # SD 1.5 UNet's 1920- and 2560-channel inputs at 4x4 and 8x8 (rows 32 and 128, batch 2),
-# 0.78x for 1280 channels at 4x4, 0.87-0.98x at 16x16 (rows 512); slower (1.05-1.5x) for
+# 0.78x for 1280 channels at 4x4, 0.87-0.98x at 16x16 (rows 512); slower (1.02-2.1x) for
 # smaller kernels or more rows, e.g. 1280 channels at 16x16 in bfloat16.
 GEMM_RULES = ((512, 40e6), (64, 16e6))
 
@@ -190,7 +190,7 @@ def gemm_conv3x3(x, kernel):
     to float rounding.
 
     Args:
-        x: `[B, H, W, Cin]` with static H and W.
+        x: `[B, H, W, Cin]` with static H, W and Cin.
         kernel: `[3, 3, Cin, Cout]`.
 
     Returns:
