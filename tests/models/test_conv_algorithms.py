@@ -179,3 +179,15 @@ def test_auto_uses_gemm_for_sd_sized_kernels_on_few_positions(dtype, algorithm, 
     # bfloat16 inputs and products, float32 sums: about 2**-8 of the output's size.
     tolerance = 1e-4 if dtype == "float32" else 0.02 * np.abs(expected).max()
     np.testing.assert_allclose(out, expected, atol=tolerance)
+
+
+@pytest.mark.parametrize("case", ["xla", "accelerator"])
+def test_auto_uses_gemm_only_outside_xla_on_cpus(case, algorithm, gemm_calls, monkeypatch):
+    monkeypatch.setattr(layers, "GEMM_RULES", ((64, 1),))  # every small input qualifies
+    jit = True if case == "xla" else None
+    if case == "accelerator":
+        monkeypatch.setattr(backend, "has_accelerator", lambda: True)
+    x = random((1, 8, 8, 4), 0)
+    out, (kernel, bias) = run_layer(x, jit=jit)
+    assert gemm_calls == []
+    np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
