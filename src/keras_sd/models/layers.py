@@ -245,7 +245,8 @@ class Conv3x3(layers.Conv2D):
             )
 
     def _algorithm(self, x) -> str:
-        """ "winograd", "gemm" or "direct" for input `x` (shapes are static when compiled)."""
+        """Which of "winograd", "gemm" or "direct" computes input `x` (static shapes when
+        compiled)."""
         algorithm = _conv_algorithm["value"]
         n, h, w, cin = x.shape
         if (
@@ -259,18 +260,17 @@ class Conv3x3(layers.Conv2D):
         even = h % 2 == 0 and w % 2 == 0
         if algorithm != "auto":
             return algorithm if algorithm == "gemm" or even else "direct"
-        if backend.has_accelerator():
-            return "direct"
+        chosen = "direct"
         if backend.tracing_for_xla():
             tiles = n * (h // 2) * (w // 2)
-            winograd = even and self.compute_dtype == "float32" and tiles >= WINOGRAD_MIN_TILES
-            return "winograd" if winograd else "direct"
-        if keras.backend.backend() != "tensorflow":
-            return "direct"
-        rows = n * h * w
-        kernel_bytes = 9 * cin * self.filters * _itemsize(x.dtype)
-        gemm = any(rows <= most and kernel_bytes >= least for most, least in GEMM_RULES)
-        return "gemm" if gemm else "direct"
+            if even and self.compute_dtype == "float32" and tiles >= WINOGRAD_MIN_TILES:
+                chosen = "winograd"
+        elif keras.backend.backend() == "tensorflow":
+            rows, kernel_bytes = n * h * w, 9 * cin * self.filters * _itemsize(x.dtype)
+            if any(rows <= most and kernel_bytes >= least for most, least in GEMM_RULES):
+                chosen = "gemm"
+        # Both were measured on CPUs only. Asked last: most calls need not ask the device.
+        return "direct" if chosen == "direct" or backend.has_accelerator() else chosen
 
     def convolution_op(self, inputs, kernel):
         # Keras' Conv2D.call adds the bias and activation around this.
