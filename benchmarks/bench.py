@@ -29,7 +29,7 @@ from report import environment, image_diffs, ratio_table, startup_table, table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
-RUNTIMES = ("keras-sd-tf", "keras-sd-jax", "diffusers", "keras-cv")
+RUNTIMES = ("keras-sd-tf", "keras-sd-jax", "diffusers", "keras-cv", "keras-cv-jax")
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 # Diffusers-side configurations of the shared weights (SD 1.5's published configs).
@@ -127,7 +127,8 @@ def parse_args(argv=None):
         nargs="+",
         choices=RUNTIMES,
         default=None,
-        help="default: all (all but keras-cv with --tiny: it has no tiny config)",
+        help="default: all but keras-cv-jax (KerasCV on Keras 3's JAX backend, for "
+        "machines without TensorFlow); with --tiny no KerasCV (it has no tiny config)",
     )
     p.add_argument("--only", nargs="+", default=None, help="keep variants whose name has one")
     p.add_argument("--skip", nargs="+", default=[], help="drop variants whose name has one")
@@ -197,7 +198,7 @@ def parse_args(argv=None):
     if args.precision is None:
         args.precision = ["float32"] if args.tiny else ["float32", "bfloat16"]
     if args.runtimes is None:
-        args.runtimes = [r for r in RUNTIMES if not (args.tiny and r == "keras-cv")]
+        args.runtimes = [r for r in RUNTIMES[:-1] if not (args.tiny and r == "keras-cv")]
     return args
 
 
@@ -244,7 +245,21 @@ def variants(args) -> list[dict]:
                         "precision": precision,
                         "dtype": precision,
                         "torch_compile": compiled,
+                        "half_batch": not compiled,
                         "name": f"diffusers/{precision}" + "/compile" * compiled,
+                    }
+                )
+        if "keras-cv-jax" in args.runtimes:
+            # On JAX every call is an XLA program: one row per policy.
+            for policy in policies[precision]:
+                out.append(
+                    {
+                        "runtime": "keras-cv",
+                        "precision": precision,
+                        "policy": policy,
+                        "jit": True,
+                        "backend": "jax",
+                        "name": f"keras-cv/jax/{policy}",
                     }
                 )
         if "keras-cv" in args.runtimes:
@@ -505,6 +520,7 @@ def main(argv=None) -> int:
                 "t2i_repeats": args.t2i_repeats,
                 "guidance": args.guidance,
                 "seed": args.seed,
+                "half_batch": variant.get("half_batch", True),
             }
             got, error = run_worker(spec, out_dir, args.timeout, variant.get("backend"))
             rows += [{**r, "precision": variant["precision"]} for r in got]

@@ -1,9 +1,9 @@
 #!/bin/bash
-# GPU check in one call, for a GPU machine without TensorFlow (KerasCV needs it, so it is
-# absent): keras-sd on JAX against diffusers eager (SDPA) at the GPU settings, then
-# diffusers with torch.compile at batch 1 merged into the same table (it compiles once
-# per shape, so it gets most of what is left), then the float16 precision tests on the
-# GPU while time remains. Wheels in .whl/ (keras, diffusers, ftfy, ...) are installed to /tmp/site
+# GPU check in one call, for a GPU machine without TensorFlow: keras-sd on JAX, diffusers
+# eager (SDPA) and KerasCV on Keras 3's JAX backend (`keras-cv-jax`; XLA, mixed_float16)
+# at the GPU settings, batch 1, then diffusers with torch.compile merged into the same
+# table (one compilation of a minute or more, so it gets most of what is left), then the
+# float16 precision tests on the GPU while time remains. Wheels in .whl/ (keras, diffusers, ftfy, ...) are installed to /tmp/site
 # first when present. Results land in $OUT (default /tmp/out).
 #     bash benchmarks/gpu_check.sh
 T0=$(date +%s)
@@ -19,9 +19,9 @@ print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_d
 import keras_sd; print('keras_sd ok, accelerator:', keras_sd.backend.has_accelerator())
 "; } 2>&1 | tee $OUT/env.txt
 BENCH="python3 benchmarks/bench.py --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
-B="$BENCH ${BENCH_ARGS:---gpu}"
+B="$BENCH ${BENCH_ARGS:---gpu --batch 1}"
 echo "== bench A at $(el) s"
-timeout ${LIMIT_A:-330} $B --runtimes keras-sd-jax diffusers --skip compile --timeout 240 --out-dir /tmp/benchA 2>&1 | tee $OUT/benchA.txt
+timeout ${LIMIT_A:-330} $B --runtimes keras-sd-jax diffusers keras-cv-jax --skip compile --timeout 200 --out-dir /tmp/benchA 2>&1 | tee $OUT/benchA.txt
 echo "== bench A end at $(el) s"
 (cd /tmp/benchA && tar czf $OUT/benchA-files.tgz . ) 2>/dev/null
 LEFT=$(( TOTAL - $(el) ))
@@ -29,7 +29,7 @@ echo "== bench B (torch.compile, batch 1) at $(el) s, ${LEFT} s left"
 MERGE=""; [ -f /tmp/benchA/results.json ] && MERGE="--merge /tmp/benchA/results.json"
 B1="$BENCH ${BENCH_B_ARGS:---gpu --batch 1}"
 if [ $LEFT -gt 60 ]; then
-  TB=$(( LEFT - ${TESTS_RESERVE:-110} )); [ $TB -ge 60 ] || TB=$(( LEFT - 15 ))
+  TB=$(( LEFT - ${TESTS_RESERVE:-70} )); [ $TB -ge 60 ] || TB=$(( LEFT - 15 ))
   timeout $TB $B1 --runtimes diffusers --only compile --timeout $((TB - 10)) --out-dir /tmp/benchB $MERGE 2>&1 | tee $OUT/benchB.txt
 fi
 (cd /tmp/benchB && tar czf $OUT/benchB-files.tgz . ) 2>/dev/null

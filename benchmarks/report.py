@@ -88,6 +88,7 @@ COLUMNS = (
     ("others' CPU during t2i", lambda r: pct(r.get("t2i_others"))),
     ("first t2i s", lambda r: fmt(r["t2i_first_s"])),
     ("compile s", lambda r: fmt(r["compile_s"])),
+    ("UNet first call s", lambda r: fmt(r.get("unet_first_s"))),
     ("encode s", lambda r: fmt(r["encode_s"], 3)),
     ("decode s", lambda r: fmt(r["decode_s"])),
     ("build+load s", lambda r: fmt(r["build_s"] + r["load_s"], 1)),

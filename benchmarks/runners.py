@@ -114,14 +114,15 @@ def measure(spec, case, calls, monitor) -> dict:
     monitor.reset()
     steps, batch = spec["steps"], case["batch"]
     unet = timed(partial(calls["unet"], 2 * batch), spec["repeats"])
-    # Batch B too: the cost of guidance as two half-batch calls (KerasCV's loop) instead of one.
-    half = timed(partial(calls["unet"], batch), spec["repeats"])
+    # Batch B too: the cost of guidance as two half-batch calls (KerasCV's loop) instead
+    # of one. Not for torch.compile: a new shape is another compilation of a minute or more.
+    half = timed(partial(calls["unet"], batch), spec["repeats"]) if spec["half_batch"] else None
     t2i = timed(calls["t2i"], spec["t2i_repeats"])
     encode = timed(calls["encode"], 3)
     decode = timed(calls["decode"], 2)
     # Best of the warm repeats: on a shared machine other processes only ever add time.
     best = {name: min(runs[1], key=itemgetter(0)) if runs[1] else None
-            for name, runs in (("unet", unet), ("half", half), ("t2i", t2i),
+            for name, runs in (("unet", unet), ("half", half or (0, [])), ("t2i", t2i),
                                ("encode", encode), ("decode", decode))}  # fmt: skip
     t2i_warm = best["t2i"][0] if best["t2i"] else t2i[0]
     encode_s, decode_s = best["encode"][0], best["decode"][0]
@@ -137,8 +138,8 @@ def measure(spec, case, calls, monitor) -> dict:
         "unet_others": best["unet"][2],
         "unet_median_s": statistics.median(run[0] for run in unet[1]),
         "unet_all_s": [run[0] for run in unet[1]],
-        "unet_half_s": best["half"][0],
-        "unet_half_cpu_s": best["half"][1],
+        "unet_half_s": best["half"] and best["half"][0],
+        "unet_half_cpu_s": best["half"] and best["half"][1],
         "t2i_first_s": t2i[0],
         "t2i_s": t2i_warm,
         "t2i_all_s": [run[0] for run in t2i[1]],
@@ -302,11 +303,23 @@ def torch_sync(device: str) -> None:
 
 
 def diffusers_unet(unet, x, t, ctx, n: int) -> np.ndarray:
-    """One UNet call on the first n inputs (numpy out, which synchronizes)."""
+    """One UNet call on the first n inputs (numpy out, which synchronizes).
+
+    The arguments are the pipeline's own (diffusers 0.42), so that torch.compile
+    compiles the UNet once for these calls and text_to_image alike.
+    """
     import torch
 
     with torch.inference_mode():
-        out = unet(x[:n], t, encoder_hidden_states=ctx[:n]).sample
+        out = unet(
+            x[:n],
+            t,
+            encoder_hidden_states=ctx[:n],
+            timestep_cond=None,
+            cross_attention_kwargs=None,
+            added_cond_kwargs=None,
+            return_dict=False,
+        )[0]
         return out.float().cpu().numpy()
 
 
@@ -356,10 +369,13 @@ def diffusers_calls(pipe, device: str, dtype, spec, case) -> dict:
     size, batch, channels = case["size"], case["batch"], unet.config.in_channels
     h = size // pipe.vae_scale_factor
     width = pipe.text_encoder.config.hidden_size
-    x = to_torch(noise(1, (2 * batch, h, h, channels)), device, dtype)
     ctx_shape = (2 * batch, pipe.tokenizer.model_max_length, width)
-    ctx = to_torch(noise(2, ctx_shape), device, dtype)
-    t = torch.tensor(UNET_TIMESTEP, device=device)
+    # Inference tensors, like the pipeline's own: torch.compile guards on the
+    # difference, and would compile the UNet a second time for text_to_image.
+    with torch.inference_mode():
+        x = to_torch(noise(1, (2 * batch, h, h, channels)), device, dtype)
+        ctx = to_torch(noise(2, ctx_shape), device, dtype)
+        t = torch.tensor(UNET_TIMESTEP, device=device)
     latents = noise(spec["seed"], (batch, h, h, channels))
     t2i_args = (size, batch, spec["steps"], spec["guidance"], device, dtype)
     return {
@@ -390,11 +406,45 @@ def run_diffusers(spec, emit, monitor):
 
 
 # ------------------------------------------------------------------ KerasCV
+def import_keras_cv_without_tensorflow() -> None:
+    """Make KerasCV's Stable Diffusion modules importable where TensorFlow is missing.
+
+    `import keras_cv` imports TensorFlow whatever the Keras backend (its version
+    check and its Keras 2 shims), yet under Keras 3 its Stable Diffusion modules use
+    only `keras`, `keras.ops` and `keras.random`, through its `keras_cv.src.backend`
+    shim. The GPU machines here have no TensorFlow (its wheel cannot be carried
+    there), so the packages above those modules are registered without running
+    their `__init__` files, and the shim gets what it selects under Keras 3: Keras'
+    own modules. The model code and the sampling loop that then run are KerasCV's,
+    unchanged. Does nothing where TensorFlow is installed.
+    """
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("tensorflow") is not None or "keras_cv" in sys.modules:
+        return
+    import keras
+
+    root = os.path.dirname(importlib.util.find_spec("keras_cv").origin)
+
+    def package(name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+        module.__path__ = [os.path.join(root, *name.split(".")[1:])]
+        sys.modules[name] = module
+        return module
+
+    for name in ("keras_cv", "keras_cv.src", "keras_cv.src.models"):
+        package(name)
+    shim = package("keras_cv.src.backend")
+    shim.keras, shim.ops, shim.random = keras, keras.ops, keras.random
+    keras.backend.name_scope = keras.name_scope  # as the shim sets it under Keras 3
+
+
 def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit):
     """A KerasCV StableDiffusion for one image size around the shared text encoder."""
-    from keras_cv.models import StableDiffusion
     from keras_cv.src.models.stable_diffusion.decoder import Decoder
     from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
+    from keras_cv.src.models.stable_diffusion.stable_diffusion import StableDiffusion
 
     sd = StableDiffusion(img_width=size, img_height=size, jit_compile=jit)
     if (sd.img_width, sd.img_height) != (size, size):
@@ -468,6 +518,8 @@ def run_keras_cv(spec, emit, monitor):
     keras.utils.set_random_seed(spec["seed"])
     import importlib.resources
 
+    import_keras_cv_without_tensorflow()
+
     from keras_cv.src.models.stable_diffusion.clip_tokenizer import SimpleTokenizer
     from keras_cv.src.models.stable_diffusion.constants import _UNCONDITIONAL_TOKENS
     from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
@@ -492,7 +544,7 @@ def run_keras_cv(spec, emit, monitor):
         )
     )
     make_calls = partial(keras_cv_calls, build, max_length, spec)
-    run_cases(spec, emit, monitor, setup, make_calls, "tensorflow")
+    run_cases(spec, emit, monitor, setup, make_calls, keras.backend.backend())
 
 
 # ------------------------------------------------------------ shared weights
