@@ -27,6 +27,42 @@ def test_text_to_image_matches_diffusers_on_backend(backend):
     assert_close(result)
 
 
+JAX_FLOAT16_ATTENTION = """
+import jax, numpy as np
+from keras_sd.models.layers import dot_product_attention
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((2, 7, 3, 8)).astype("float16") for _ in range(3))
+for causal in (False, True):
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal))(q, k, v)
+    assert out.dtype == np.float16, out.dtype
+    x = [a.astype("float64").transpose(0, 2, 1, 3) for a in (q, k, v)]
+    logits = x[0] @ x[1].transpose(0, 1, 3, 2) / np.sqrt(8)
+    if causal:
+        logits = np.where(np.triu(np.ones((7, 7), bool), 1), -np.inf, logits)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = ((p / p.sum(-1, keepdims=True)) @ x[2]).transpose(0, 2, 1, 3)
+    err = np.abs(np.asarray(out, "float64") - ref).max()
+    assert err < 4e-3, (causal, err)
+print("ok")
+"""
+
+
+def test_float16_attention_compiles_on_jax_cpu():
+    """mixed_float16 on JAX's CPU backend: jit-compiled float16 attention must run
+    (jax.nn's fused attention does not compile there) and match a float64 softmax
+    attention to float16 rounding."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(
+        [sys.executable, "-c", JAX_FLOAT16_ATTENTION],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")
+
+
 BORROW_CHECK = """
 import numpy as np, keras
 from keras_sd.backend import borrow_numpy

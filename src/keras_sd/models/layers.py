@@ -21,7 +21,8 @@ def dot_product_attention(query, key, value, is_causal: bool = False):
     """Softmax attention over `[B, L, heads, head_dim]` tensors, softmax in float32.
 
     On JAX and PyTorch this is `keras.ops.dot_product_attention`, which uses their
-    fused kernels. TensorFlow has none: Keras composes it from `einsum`s there, whose
+    fused kernels (except float16 on JAX's CPU backend, which compiles no such
+    kernel). TensorFlow has none: Keras composes it from `einsum`s there, whose
     bfloat16 CPU kernel ran a 1024-token SD self-attention 8x slower (710 against
     92 ms on a 2-core CPU, graph mode) and less accurately than the batched `matmul`s
     used here instead (float32 and XLA: the same speed). Outside XLA, low-precision
@@ -41,7 +42,7 @@ def dot_product_attention(query, key, value, is_causal: bool = False):
                 f"dot_product_attention: {name} must be 4-D [batch, length, heads, "
                 f"head_dim]; received shape {tuple(tensor.shape)}."
             )
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() != "tensorflow" and not _jax_cpu_float16(query):
         return ops.dot_product_attention(query, key, value, is_causal=is_causal)
     # The scale goes on q ([B, T, N, H]), not on the S/H times larger logits.
     scale = ops.cast(1.0 / math.sqrt(query.shape[-1]), query.dtype)
@@ -59,6 +60,18 @@ def dot_product_attention(query, key, value, is_causal: bool = False):
     else:
         probs = ops.softmax(logits, axis=-1)  # float32 arithmetic inside the kernel
     return ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
+
+
+def _jax_cpu_float16(query) -> bool:
+    """Whether this is float16 attention on JAX's CPU backend. There, jit-compiled
+    `jax.nn.dot_product_attention` asks XLA for float16 products accumulated in
+    float32, which its CPU backend refuses (jax 0.10: "The precision 'F16_F16_F32' is
+    not supported by dot_general on CPU"), so the matmuls below are used instead."""
+    return (
+        keras.backend.backend() == "jax"
+        and keras.backend.standardize_dtype(query.dtype) == "float16"
+        and not backend.has_accelerator()
+    )
 
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd", "gemm")
