@@ -2,8 +2,9 @@
 # GPU check in one call, for a GPU machine without TensorFlow: keras-sd on JAX, diffusers
 # eager (SDPA) and KerasCV on Keras 3's JAX backend (`keras-cv-jax`; XLA, mixed_float16)
 # at the GPU settings, batch 1, then diffusers with torch.compile merged into the same
-# table (one compilation of a minute or more, so it gets most of what is left), then the
-# float16 precision tests on the GPU while time remains. Wheels in .whl/ (keras, diffusers, ftfy, ...) are installed to /tmp/site
+# table (one compilation of a minute or more, so it gets most of what is left), then
+# a profile of keras-sd's load, then the float16 precision tests on the GPU while time
+# remains. Wheels in .whl/ (keras, diffusers, ftfy, ...) are installed to /tmp/site
 # first when present. Results land in $OUT (default /tmp/out).
 #     bash benchmarks/gpu_check.sh
 T0=$(date +%s)
@@ -33,6 +34,9 @@ if [ $LEFT -gt 60 ]; then
   timeout $TB $B1 --runtimes diffusers --only compile --timeout $((TB - 10)) --out-dir /tmp/benchB $MERGE 2>&1 | tee $OUT/benchB.txt
 fi
 (cd /tmp/benchB && tar czf $OUT/benchB-files.tgz . ) 2>/dev/null
+LEFT=$(( TOTAL - $(el) ))
+echo "== load profile at $(el) s, ${LEFT} s left"
+[ $LEFT -gt 90 ] && timeout 60 python3 benchmarks/profile_load.py --path /tmp/w --top 30 2>&1 | grep -v "^[WIE]0" | tee $OUT/load_profile.txt | head -20
 LEFT=$(( TOTAL - $(el) ))
 echo "== tests at $(el) s, ${LEFT} s left"
 # progress bars end in carriage returns: split on them before filtering them out;

@@ -104,6 +104,8 @@ def table(rows: list) -> str:
     columns = list(COLUMNS)
     if any("gpu_peak_gb" in r for r in rows):
         columns.append(("GPU peak GB", lambda r: fmt(r.get("gpu_peak_gb"))))
+        columns.append(("GPU peak before case GB", lambda r: fmt(r.get("gpu_peak_before_gb"))))
+        columns.append(("GPU in use after GB", lambda r: fmt(r.get("gpu_in_use_gb"))))
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(rows, key=lambda r: (r["size"], r["batch"], r["precision"], r["name"])):
         lines.append("| " + " | ".join(str(c[1](r)) for c in columns) + " |")

@@ -160,7 +160,8 @@ def measure(spec, case, calls, monitor) -> dict:
 
 
 def gpu_memory(framework: str):
-    """(reset, peak bytes) of the framework's GPU allocator, or None without a GPU."""
+    """(reset, peak bytes, bytes in use) of the framework's GPU allocator, or None
+    without a GPU."""
     if framework == "tensorflow":
         import tensorflow as tf
 
@@ -169,6 +170,7 @@ def gpu_memory(framework: str):
         return (
             lambda: tf.config.experimental.reset_memory_stats("GPU:0"),
             lambda: tf.config.experimental.get_memory_info("GPU:0")["peak"],
+            lambda: tf.config.experimental.get_memory_info("GPU:0")["current"],
         )
     if framework == "jax":
         import jax
@@ -177,16 +179,29 @@ def gpu_memory(framework: str):
         if device.platform == "cpu":
             return None
         # JAX cannot reset its peak: later cases report the peak since start.
-        return (lambda: None, lambda: device.memory_stats()["peak_bytes_in_use"])
+        return (
+            lambda: None,
+            lambda: device.memory_stats()["peak_bytes_in_use"],
+            lambda: device.memory_stats()["bytes_in_use"],
+        )
     import torch
 
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
+    return (
+        torch.cuda.reset_peak_memory_stats,
+        torch.cuda.max_memory_allocated,
+        torch.cuda.memory_allocated,
+    )
 
 
 def run_cases(spec, emit, monitor, setup: dict, make_calls, framework: str) -> None:
     """Measure every case of the spec; `setup` times go on the first row only.
+
+    GPU memory, where there is a GPU: the allocator's peak during the case
+    (`gpu_peak_gb`; on JAX the peak since the process started), its peak before the
+    case's first call (`gpu_peak_before_gb`: on JAX the peak of building and loading,
+    for the first case) and what stays allocated after the case (`gpu_in_use_gb`).
 
     Args:
         make_calls: `make_calls(case)`, the runtime's `*_calls` function bound to its
@@ -198,10 +213,13 @@ def run_cases(spec, emit, monitor, setup: dict, make_calls, framework: str) -> N
         # KerasCV builds per image size: its build time goes on that size's first row.
         setup = {**setup, "build_s": setup.get("build_s", 0.0) + calls.pop("build_s", 0.0)}
         if gpu:
+            before = gpu[1]()
             gpu[0]()
         row = {**setup, **measure(spec, case, calls, monitor)}
         if gpu:
             row["gpu_peak_gb"] = gpu[1]() / GIB
+            row["gpu_peak_before_gb"] = before / GIB
+            row["gpu_in_use_gb"] = gpu[2]() / GIB
         emit(row)
         setup = {"import_s": 0.0, "build_s": 0.0, "load_s": 0.0}
 
