@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from operator import methodcaller
 
 import numpy as np
 
@@ -116,27 +117,41 @@ RATIOS = (("unet_s", "UNet"), ("unet_cpu_s", "UNet CPU"), ("loop_step_s", "step"
           ("image_s", "image"))  # fmt: skip
 
 
+# The runtimes keras-sd is compared with: (label, whether a row's variant belongs to it).
+# torch.compile rows get their own columns, so that eager diffusers stays visible.
+PEERS = (
+    ("diffusers", lambda name: name.startswith("diffusers/") and "/compile" not in name),
+    ("diffusers torch.compile", lambda name: name.startswith("diffusers/") and "/compile" in name),
+    ("KerasCV", lambda name: name.startswith("keras-cv/")),
+)
+
+
 def ratio_table(rows: list) -> str:
-    """Other runtime's best / keras-sd's best (same case and precision): > 1 = keras-sd faster."""
+    """Other runtime's best / keras-sd's best (same case and precision): > 1 = keras-sd faster.
+
+    One group of columns per peer that has rows (`PEERS`); diffusers and KerasCV always.
+    """
+    peers = [(label, belongs) for label, belongs in PEERS
+             if "compile" not in label or any(belongs(r["name"]) for r in rows)]  # fmt: skip
     head = ["size", "batch", "precision", "keras-sd backend"]
-    head += [f"{other}/keras-sd {label}" for other in ("diffusers", "KerasCV")
-             for _, label in RATIOS]  # fmt: skip
+    head += [f"{label}/keras-sd {what}" for label, _ in peers for _, what in RATIOS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def best(case, prefix, key):
+    def best(case, belongs, key):
         pool = [r for r in rows if (r["size"], r["batch"], r["precision"]) == case
-                and r["name"].startswith(prefix) and r.get(key) is not None]  # fmt: skip
+                and belongs(r["name"]) and r.get(key) is not None]  # fmt: skip
         return min(r[key] for r in pool) if pool else None
 
     for case in sorted({(r["size"], r["batch"], r["precision"]) for r in rows}):
         for backend in ("tf", "jax"):
-            ours = {key: best(case, f"keras-sd/{backend}/", key) for key, _ in RATIOS}
+            mine = methodcaller("startswith", f"keras-sd/{backend}/")
+            ours = {key: best(case, mine, key) for key, _ in RATIOS}
             if ours["unet_s"] is None:
                 continue
             cells = [*case, backend]
-            for other in ("diffusers/", "keras-cv/"):
+            for _, belongs in peers:
                 for key, _ in RATIOS:
-                    theirs = best(case, other, key)
+                    theirs = best(case, belongs, key)
                     cells.append(fmt(theirs / ours[key]) if theirs and ours[key] else "-")
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
