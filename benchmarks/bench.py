@@ -414,7 +414,7 @@ def time_cli(args, folder: str, out_dir: str, cache: str) -> dict:
         "-m",
         "keras_sd.cli",
         "generate",
-        "an astronaut riding a horse",
+        STARTUP_PROMPT,
         "--checkpoint",
         folder,
         "--steps",
@@ -430,11 +430,45 @@ def time_cli(args, folder: str, out_dir: str, cache: str) -> dict:
         "-o",
         os.path.join(out_dir, "cli.png"),
     ]
+    marks = time_first_step(cmd, worker_env("tf"), rb"denoising:[^\r\n]*", args.timeout)
+    marks["command"] = " ".join(["keras-sd", *cmd[3:]])
+    return marks
+
+
+STARTUP_PROMPT = "an astronaut riding a horse"
+# The same job in diffusers: a fresh process that loads the folder and makes one image.
+DIFFUSERS_IMAGE = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+folder, prompt, size, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+pipe = StableDiffusionPipeline.from_pretrained(
+    folder, safety_checker=None, requires_safety_checker=False
+)
+image = pipe(prompt, num_inference_steps=2, height=size, width=size,
+             generator=torch.manual_seed(0)).images[0]
+image.save(out)
+"""
+
+
+def time_diffusers_image(args, folder: str, out_dir: str) -> dict:
+    """`time_cli`'s figures for diffusers: launching a Python process that loads the
+    folder with `StableDiffusionPipeline.from_pretrained` and makes the same image,
+    read from the pipeline's own tqdm bar ("0/2" loop starting, "1/2" first step)."""
+    size = str(args.sizes[0])
+    cmd = [sys.executable, "-c", DIFFUSERS_IMAGE, folder, STARTUP_PROMPT, size]
+    cmd.append(os.path.join(out_dir, "diffusers.png"))
+    marks = time_first_step(cmd, worker_env(), rb"\|", args.timeout)
+    marks["command"] = "python -c <from_pretrained, then one 2-step image>"
+    return marks
+
+
+def time_first_step(cmd: list, env: dict, bar: bytes, timeout: float) -> dict:
+    """Seconds from launching `cmd` to the first sight of its tqdm progress bar at 0
+    steps and at 1 step, and to its exit. `bar`: what precedes the step count in the
+    bar's text (a regex); the bar is read live from the process's stderr."""
     marks = {}
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=worker_env("tf")
-    )
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     text = b""
 
     def read():
@@ -442,17 +476,16 @@ def time_cli(args, folder: str, out_dir: str, cache: str) -> dict:
         while chunk := os.read(proc.stderr.fileno(), 4096):
             text += chunk
             now = time.perf_counter() - start
-            if b"denoising" in text:
+            if re.search(bar + rb"\s*0/\d+", text):
                 marks.setdefault("loop_start_s", now)
-            if re.search(rb"denoising:[^\r\n]*\b1/\d+", text):
+            if re.search(bar + rb"[^\r\n]*\b1/\d+", text):
                 marks.setdefault("first_step_s", now)
 
     reader = threading.Thread(target=read)
     reader.start()
-    code = proc.wait(timeout=args.timeout)
+    code = proc.wait(timeout=timeout)
     reader.join()
     marks["exit_s"] = time.perf_counter() - start
-    marks["command"] = " ".join(["keras-sd", *cmd[3:]])
     if code:
         tail = text.decode(errors="replace").strip().splitlines()
         marks["error"] = tail[-1] if tail else f"exit {code}"
@@ -496,6 +529,7 @@ def run_startup(args, folder: str, out_dir: str) -> dict:
     cache = tempfile.mkdtemp(prefix="compile-cache-", dir=out_dir)
     out["cli"] = time_cli(args, folder, out_dir, cache)
     out["cli-cached"] = time_cli(args, folder, out_dir, cache)
+    out["cli-diffusers"] = time_diffusers_image(args, folder, out_dir)
     return out
 
 

@@ -174,7 +174,11 @@ def startup_table(startup: dict) -> str:
             f"{fmt(r['load_s'], 1)} | {fmt(r['build_load_s'], 1)} | "
             f"{fmt(r['max_rss_gb'])} |"
         )
-    for key, when in (("cli", "compiling"), ("cli-cached", "again, programs from its cache")):
+    for key, when in (
+        ("cli", "compiling"),
+        ("cli-cached", "again, programs from its cache"),
+        ("cli-diffusers", "diffusers, the same image from the same folder"),
+    ):
         if key not in startup:
             continue
         cli = startup[key]
