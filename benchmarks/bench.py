@@ -453,11 +453,13 @@ image.save(out)
 def time_diffusers_image(args, folder: str, out_dir: str) -> dict:
     """`time_cli`'s figures for diffusers: launching a Python process that loads the
     folder with `StableDiffusionPipeline.from_pretrained` and makes the same image,
-    read from the pipeline's own tqdm bar ("0/2" loop starting, "1/2" first step)."""
+    read from the pipeline's own tqdm bar ("0/2" loop starting, "1/2" first step). That
+    bar is the one without a description; the loading bars have one."""
     size = str(args.sizes[0])
     cmd = [sys.executable, "-c", DIFFUSERS_IMAGE, folder, STARTUP_PROMPT, size]
     cmd.append(os.path.join(out_dir, "diffusers.png"))
-    marks = time_first_step(cmd, worker_env(), rb"\|", args.timeout)
+    bar = rb"(?:^|[\r\n])\s*\d+%\|[^|\r\n]*\|"
+    marks = time_first_step(cmd, worker_env(), bar, args.timeout)
     marks["command"] = "python -c <from_pretrained, then one 2-step image>"
     return marks
 
