@@ -5,9 +5,9 @@
     python benchmarks/bench.py --gpu                           # 512 px, 50 DDIM steps, fp16
 
 One shared set of seeded random SD 1.5 weights is written once as a diffusers
-folder (cached); keras-sd (TensorFlow and JAX backends) and diffusers load it,
-KerasCV (which has no diffusers reader) gets its own random weights: speed does
-not depend on the values. Every runtime/precision runs in its own subprocess
+folder (cached); keras-sd (TensorFlow and JAX backends) and diffusers load it, and
+KerasCV (which has no diffusers reader) gets the same values copied in through
+keras-sd's KerasCV weight order. Every runtime/precision runs in its own subprocess
 (`runners.py`) so backends, thread pools and peak memory stay separate. Figures
 are measured wall-clock times; this script never estimates one, and nothing
 here gates CI. See benchmarks/README.md for the columns.

@@ -458,8 +458,42 @@ def import_keras_cv_without_tensorflow() -> None:
     keras.backend.name_scope = keras.name_scope  # as the shim sets it under Keras 3
 
 
-def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit):
-    """A KerasCV StableDiffusion for one image size around the shared text encoder."""
+def shared_weights_for_keras_cv(folder: str, components: tuple) -> dict:
+    """The shared weights (a diffusers folder) in KerasCV's order: {component: [array]}.
+
+    KerasCV reads no diffusers layout, so the folder is loaded with keras-sd, whose
+    KerasCV reader knows which keras-sd variable each KerasCV weight is (the order of
+    `keras_sd.weights.keras_cv`); the values of `components` are copied out and
+    keras-sd's models dropped before anything is timed, so that KerasCV's memory
+    figures stay its own.
+    """
+    import gc
+
+    from keras_sd.weights.checkpoint import load_checkpoint
+    from keras_sd.weights.keras_cv import _ORDERS
+    from keras_sd.weights.state_dict import named_variables
+
+    sd = load_checkpoint(folder)
+    out = {}
+    for component in components:
+        model = getattr(sd, component)
+        variables = named_variables(model)
+        order = _ORDERS[component](model, variables)
+        out[component] = [np.array(variables[name].numpy(), np.float32) for name in order]
+    del sd, model, variables
+    gc.collect()
+    return out
+
+
+def keras_cv_set_weights(model, arrays: list) -> None:
+    """`model.set_weights(arrays)`, restoring 1x1 convolution kernels' unit axes."""
+    fitted = [a.reshape(w.shape) for a, w in zip(arrays, model.weights, strict=True)]
+    model.set_weights(fitted)
+
+
+def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit, folder: str):
+    """A KerasCV StableDiffusion for one image size around the shared text encoder,
+    with the shared weights from `folder` (`shared_weights_for_keras_cv`)."""
     from keras_cv.src.models.stable_diffusion.decoder import Decoder
     from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
     from keras_cv.src.models.stable_diffusion.stable_diffusion import StableDiffusion
@@ -470,6 +504,9 @@ def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit):
     sd._tokenizer, sd._text_encoder = tokenizer, text_encoder
     sd._diffusion_model = DiffusionModel(size, size, max_length, download_weights=False)
     sd._decoder = Decoder(size, size, download_weights=False)
+    weights = shared_weights_for_keras_cv(folder, ("diffusion_model", "decoder"))
+    keras_cv_set_weights(sd._diffusion_model, weights.pop("diffusion_model"))
+    keras_cv_set_weights(sd._decoder, weights.pop("decoder"))
     if jit:
         sd._diffusion_model.compile(jit_compile=True)
         sd._decoder.compile(jit_compile=True)
@@ -524,11 +561,13 @@ def keras_cv_calls(build, max_length: int, spec, case) -> dict:
 
 
 def run_keras_cv(spec, emit, monitor):
-    """KerasCV's own StableDiffusion with random weights (it has no diffusers reader).
+    """KerasCV's own StableDiffusion with the shared weights.
 
-    Its components take the image size at construction, so the UNet and decoder
-    are rebuilt per size (counted as build time); vocabulary download is avoided
-    by handing its tokenizer keras-sd's bundled copy of the same BPE file.
+    KerasCV has no diffusers reader: the weights come through keras-sd
+    (`shared_weights_for_keras_cv`, counted as build time). Its components take the
+    image size at construction, so the UNet and decoder are rebuilt per size (counted
+    as build time); vocabulary download is avoided by handing its tokenizer keras-sd's
+    bundled copy of the same BPE file.
     """
     import keras
 
@@ -549,6 +588,8 @@ def run_keras_cv(spec, emit, monitor):
     setup = {"import_s": t0 - START, "load_s": 0.0}
     tokenizer = SimpleTokenizer(bpe_path=str(vocab))
     text_encoder = TextEncoder(max_length, download_weights=False)
+    weights = shared_weights_for_keras_cv(spec["weights"], ("text_encoder",))
+    keras_cv_set_weights(text_encoder, weights.pop("text_encoder"))
     if jit:
         text_encoder.compile(jit_compile=True)
     setup["build_s"] = time.perf_counter() - t0
@@ -559,6 +600,7 @@ def run_keras_cv(spec, emit, monitor):
             text_encoder=text_encoder,
             max_length=max_length,
             jit=jit,
+            folder=spec["weights"],
         )
     )
     make_calls = partial(keras_cv_calls, build, max_length, spec)
