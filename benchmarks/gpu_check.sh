@@ -22,7 +22,7 @@ import keras_sd; print('keras_sd ok, accelerator:', keras_sd.backend.has_acceler
 BENCH="python3 benchmarks/bench.py --repeats 5 --t2i-repeats 2 --weights-dir /tmp/w"
 B="$BENCH ${BENCH_ARGS:---gpu --batch 1}"
 echo "== bench A at $(el) s"
-timeout ${LIMIT_A:-330} $B --runtimes keras-sd-jax diffusers keras-cv-jax --skip compile --timeout 200 --out-dir /tmp/benchA 2>&1 | tee $OUT/benchA.txt
+timeout ${LIMIT_A:-360} $B --runtimes keras-sd-jax diffusers keras-cv-jax --skip compile --timeout 200 --out-dir /tmp/benchA 2>&1 | tee $OUT/benchA.txt
 echo "== bench A end at $(el) s"
 (cd /tmp/benchA && tar czf $OUT/benchA-files.tgz . ) 2>/dev/null
 LEFT=$(( TOTAL - $(el) ))

@@ -18,6 +18,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from functools import cache, partial
@@ -458,14 +459,15 @@ def import_keras_cv_without_tensorflow() -> None:
     keras.backend.name_scope = keras.name_scope  # as the shim sets it under Keras 3
 
 
-def shared_weights_for_keras_cv(folder: str, components: tuple) -> dict:
-    """The shared weights (a diffusers folder) in KerasCV's order: {component: [array]}.
+def shared_weights_for_keras_cv(folder: str, out: str) -> dict:
+    """Write the shared weights (a diffusers folder) in KerasCV's order as .npy files
+    under `out`: {component: [path]}.
 
     KerasCV reads no diffusers layout, so the folder is loaded with keras-sd, whose
     KerasCV reader knows which keras-sd variable each KerasCV weight is (the order of
-    `keras_sd.weights.keras_cv`); the values of `components` are copied out and
-    keras-sd's models dropped before anything is timed, so that KerasCV's memory
-    figures stay its own.
+    `keras_sd.weights.keras_cv`). The values go to files and keras-sd's models are
+    dropped before anything is timed, so that KerasCV's memory figures stay its own;
+    each model built later maps the files it needs (`keras_cv_set_weights`).
     """
     import gc
 
@@ -474,26 +476,30 @@ def shared_weights_for_keras_cv(folder: str, components: tuple) -> dict:
     from keras_sd.weights.state_dict import named_variables
 
     sd = load_checkpoint(folder)
-    out = {}
-    for component in components:
+    paths = {}
+    for component in ("text_encoder", "diffusion_model", "decoder"):
         model = getattr(sd, component)
         variables = named_variables(model)
-        order = _ORDERS[component](model, variables)
-        out[component] = [np.array(variables[name].numpy(), np.float32) for name in order]
+        paths[component] = []
+        for position, name in enumerate(_ORDERS[component](model, variables)):
+            path = os.path.join(out, f"{component}-{position:04d}.npy")
+            np.save(path, np.asarray(variables[name].numpy(), np.float32))
+            paths[component].append(path)
     del sd, model, variables
     gc.collect()
-    return out
+    return paths
 
 
-def keras_cv_set_weights(model, arrays: list) -> None:
-    """`model.set_weights(arrays)`, restoring 1x1 convolution kernels' unit axes."""
-    fitted = [a.reshape(w.shape) for a, w in zip(arrays, model.weights, strict=True)]
-    model.set_weights(fitted)
+def keras_cv_set_weights(model, paths: list) -> None:
+    """Give a KerasCV model the weights saved at `paths` (in its weight order), mapped
+    from the files; 1x1 convolution kernels get their unit axes back."""
+    arrays = [np.load(path, mmap_mode="r") for path in paths]
+    model.set_weights([a.reshape(w.shape) for a, w in zip(arrays, model.weights, strict=True)])
 
 
-def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit, folder: str):
+def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit, weights: dict):
     """A KerasCV StableDiffusion for one image size around the shared text encoder,
-    with the shared weights from `folder` (`shared_weights_for_keras_cv`)."""
+    with the shared weights (`shared_weights_for_keras_cv`'s files)."""
     from keras_cv.src.models.stable_diffusion.decoder import Decoder
     from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
     from keras_cv.src.models.stable_diffusion.stable_diffusion import StableDiffusion
@@ -504,9 +510,8 @@ def keras_cv_build(size: int, tokenizer, text_encoder, max_length: int, jit, fol
     sd._tokenizer, sd._text_encoder = tokenizer, text_encoder
     sd._diffusion_model = DiffusionModel(size, size, max_length, download_weights=False)
     sd._decoder = Decoder(size, size, download_weights=False)
-    weights = shared_weights_for_keras_cv(folder, ("diffusion_model", "decoder"))
-    keras_cv_set_weights(sd._diffusion_model, weights.pop("diffusion_model"))
-    keras_cv_set_weights(sd._decoder, weights.pop("decoder"))
+    keras_cv_set_weights(sd._diffusion_model, weights["diffusion_model"])
+    keras_cv_set_weights(sd._decoder, weights["decoder"])
     if jit:
         sd._diffusion_model.compile(jit_compile=True)
         sd._decoder.compile(jit_compile=True)
@@ -563,11 +568,11 @@ def keras_cv_calls(build, max_length: int, spec, case) -> dict:
 def run_keras_cv(spec, emit, monitor):
     """KerasCV's own StableDiffusion with the shared weights.
 
-    KerasCV has no diffusers reader: the weights come through keras-sd
-    (`shared_weights_for_keras_cv`, counted as build time). Its components take the
-    image size at construction, so the UNet and decoder are rebuilt per size (counted
-    as build time); vocabulary download is avoided by handing its tokenizer keras-sd's
-    bundled copy of the same BPE file.
+    KerasCV has no diffusers reader: the weights come through keras-sd and temporary
+    files (`shared_weights_for_keras_cv`, reported as load time). Its components take
+    the image size at construction, so the UNet and decoder are rebuilt per size
+    (counted as build time); vocabulary download is avoided by handing its tokenizer
+    keras-sd's bundled copy of the same BPE file.
     """
     import keras
 
@@ -586,10 +591,13 @@ def run_keras_cv(spec, emit, monitor):
     jit = spec["jit"]
     t0 = time.perf_counter()
     setup = {"import_s": t0 - START, "load_s": 0.0}
+    files = tempfile.TemporaryDirectory(prefix="keras-cv-weights-", dir=spec["out_dir"])
+    weights = shared_weights_for_keras_cv(spec["weights"], files.name)
+    setup["load_s"] = time.perf_counter() - t0  # keras-sd's load and the files, not KerasCV's
+    t0 = time.perf_counter()
     tokenizer = SimpleTokenizer(bpe_path=str(vocab))
     text_encoder = TextEncoder(max_length, download_weights=False)
-    weights = shared_weights_for_keras_cv(spec["weights"], ("text_encoder",))
-    keras_cv_set_weights(text_encoder, weights.pop("text_encoder"))
+    keras_cv_set_weights(text_encoder, weights["text_encoder"])
     if jit:
         text_encoder.compile(jit_compile=True)
     setup["build_s"] = time.perf_counter() - t0
@@ -600,11 +608,12 @@ def run_keras_cv(spec, emit, monitor):
             text_encoder=text_encoder,
             max_length=max_length,
             jit=jit,
-            folder=spec["weights"],
+            weights=weights,
         )
     )
     make_calls = partial(keras_cv_calls, build, max_length, spec)
-    run_cases(spec, emit, monitor, setup, make_calls, keras.backend.backend())
+    with files:
+        run_cases(spec, emit, monitor, setup, make_calls, keras.backend.backend())
 
 
 # ------------------------------------------------------------ shared weights
