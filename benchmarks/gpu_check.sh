@@ -24,7 +24,7 @@ B="$BENCH ${BENCH_ARGS:---gpu --batch 1}"
 echo "== bench A at $(el) s"
 timeout ${LIMIT_A:-360} $B --runtimes keras-sd-jax diffusers keras-cv-jax --skip compile --timeout 200 --out-dir /tmp/benchA 2>&1 | tee $OUT/benchA.txt
 echo "== bench A end at $(el) s"
-(cd /tmp/benchA && tar czf $OUT/benchA-files.tgz . ) 2>/dev/null
+(cd /tmp/benchA && tar czf $OUT/benchA-files.tgz --exclude='keras-cv-weights-*' . ) 2>/dev/null
 LEFT=$(( TOTAL - $(el) ))
 echo "== bench B (torch.compile, batch 1) at $(el) s, ${LEFT} s left"
 MERGE=""; [ -f /tmp/benchA/results.json ] && MERGE="--merge /tmp/benchA/results.json"
@@ -33,7 +33,7 @@ if [ $LEFT -gt 60 ]; then
   TB=$(( LEFT - ${TESTS_RESERVE:-70} )); [ $TB -ge 60 ] || TB=$(( LEFT - 15 ))
   timeout $TB $B1 --runtimes diffusers --only compile --timeout $((TB - 10)) --out-dir /tmp/benchB $MERGE 2>&1 | tee $OUT/benchB.txt
 fi
-(cd /tmp/benchB && tar czf $OUT/benchB-files.tgz . ) 2>/dev/null
+(cd /tmp/benchB && tar czf $OUT/benchB-files.tgz --exclude='keras-cv-weights-*' . ) 2>/dev/null
 LEFT=$(( TOTAL - $(el) ))
 echo "== load profile at $(el) s, ${LEFT} s left"
 [ $LEFT -gt 90 ] && timeout 60 python3 benchmarks/profile_load.py --path /tmp/w --top 30 2>&1 | grep -v "^[WIE]0" | tee $OUT/load_profile.txt | head -20

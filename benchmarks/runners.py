@@ -467,15 +467,29 @@ def shared_weights_for_keras_cv(folder: str, out: str) -> dict:
     KerasCV reader knows which keras-sd variable each KerasCV weight is (the order of
     `keras_sd.weights.keras_cv`). The values go to files and keras-sd's models are
     dropped before anything is timed, so that KerasCV's memory figures stay its own;
-    each model built later maps the files it needs (`keras_cv_set_weights`).
+    each model built later maps the files it needs (`keras_cv_set_weights`). keras-sd
+    loads on the host, so that JAX's GPU peak (which cannot be reset) stays KerasCV's.
     """
+    import contextlib
     import gc
+
+    import keras
 
     from keras_sd.weights.checkpoint import load_checkpoint
     from keras_sd.weights.keras_cv import _ORDERS
     from keras_sd.weights.state_dict import named_variables
 
-    sd = load_checkpoint(folder)
+    host = contextlib.nullcontext()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        host = jax.default_device(jax.devices("cpu")[0])
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        host = tf.device("/CPU:0")
+    with host:
+        sd = load_checkpoint(folder)
     paths = {}
     for component in ("text_encoder", "diffusion_model", "decoder"):
         model = getattr(sd, component)
