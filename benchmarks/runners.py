@@ -122,8 +122,8 @@ def measure(spec, case, calls, monitor) -> dict:
     encode = timed(calls["encode"], 3)
     decode = timed(calls["decode"], 2)
     # Best of the warm repeats: on a shared machine other processes only ever add time.
-    best = {name: min(runs[1], key=itemgetter(0)) if runs[1] else None
-            for name, runs in (("unet", unet), ("half", half or (0, [])), ("t2i", t2i),
+    best = {name: min(runs[1], key=itemgetter(0)) if runs and runs[1] else None
+            for name, runs in (("unet", unet), ("half", half), ("t2i", t2i),
                                ("encode", encode), ("decode", decode))}  # fmt: skip
     t2i_warm = best["t2i"][0] if best["t2i"] else t2i[0]
     encode_s, decode_s = best["encode"][0], best["decode"][0]
@@ -139,8 +139,8 @@ def measure(spec, case, calls, monitor) -> dict:
         "unet_others": best["unet"][2],
         "unet_median_s": statistics.median(run[0] for run in unet[1]),
         "unet_all_s": [run[0] for run in unet[1]],
-        "unet_half_s": best["half"] and best["half"][0],
-        "unet_half_cpu_s": best["half"] and best["half"][1],
+        "unet_half_s": best["half"][0] if best["half"] else None,
+        "unet_half_cpu_s": best["half"][1] if best["half"] else None,
         "t2i_first_s": t2i[0],
         "t2i_s": t2i_warm,
         "t2i_all_s": [run[0] for run in t2i[1]],
@@ -604,10 +604,10 @@ def run_keras_cv(spec, emit, monitor):
     vocab = importlib.resources.files("keras_sd") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
     jit = spec["jit"]
     t0 = time.perf_counter()
-    setup = {"import_s": t0 - START, "load_s": 0.0}
     files = tempfile.TemporaryDirectory(prefix="keras-cv-weights-", dir=spec["out_dir"])
     weights = shared_weights_for_keras_cv(spec["weights"], files.name)
-    setup["load_s"] = time.perf_counter() - t0  # keras-sd's load and the files, not KerasCV's
+    # load_s: keras-sd's load and the files, not KerasCV's own work.
+    setup = {"import_s": t0 - START, "load_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     tokenizer = SimpleTokenizer(bpe_path=str(vocab))
     text_encoder = TextEncoder(max_length, download_weights=False)

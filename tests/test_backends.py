@@ -52,15 +52,7 @@ def test_float16_attention_compiles_on_jax_cpu():
     (jax.nn's fused attention does not compile there) and match a float64 softmax
     attention to float16 rounding."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run(
-        [sys.executable, "-c", JAX_FLOAT16_ATTENTION],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok")
+    assert run_child(JAX_FLOAT16_ATTENTION, env).strip().endswith("ok")
 
 
 BORROW_CHECK = """
@@ -89,6 +81,12 @@ def run_tensorflow_child(script: str, *argv: str, allocator: str | None = None) 
     env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
     if allocator is not None:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = allocator
+    return run_child(script, env, *argv)
+
+
+def run_child(script: str, env: dict, *argv: str) -> str:
+    """Run `script` in a fresh Python process with `env`; assert it succeeded and
+    return its stdout."""
     run = subprocess.run(
         [sys.executable, "-c", script, *argv],
         env=env,
