@@ -8,6 +8,7 @@ the file alone.
 """
 
 import ctypes
+import gc
 import hashlib
 import json
 import os
@@ -116,6 +117,26 @@ def test_compvis_file_converted_to_keras_layout_loads_the_same_weights(tmp_path,
     ids = reference.tokenizer(["a red circle"])
     context = keras.ops.convert_to_numpy(sd.text_encoder(ids))
     np.testing.assert_array_equal(context, keras.ops.convert_to_numpy(reference.text_encoder(ids)))
+
+
+@pytest.mark.parametrize("layout", ["compvis", "keras"])
+def test_loads_run_with_the_garbage_collector_paused(tmp_path, tiny_file, monkeypatch, layout):
+    # Full collections during a full-size load cost 0.24 s each, holding the GIL.
+    path = tiny_file[1]
+    if layout == "compvis":
+        path = tmp_path / "model.safetensors"
+        save_checkpoint(tiny_file[0], path)
+    seen, build = [], streaming.build_models_deferred
+    monkeypatch.setattr(
+        streaming,
+        "build_models_deferred",
+        lambda config: seen.append(gc.isenabled()) or build(config),
+    )
+    _assert_same_weights(load_checkpoint(path), tiny_file[0])
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(FileNotFoundError):  # a failed load gives the collector back too
+        load_checkpoint(tmp_path / "missing.safetensors")
+    assert gc.isenabled()
 
 
 def test_variables_are_the_files_memory_on_tensorflow_cpu(tiny_file):

@@ -1,6 +1,7 @@
 """Lazy safetensors reading/writing and deferred models (checked against the safetensors
 library and `state_dict.torch_to_keras`)."""
 
+import gc
 import json
 import struct
 
@@ -190,3 +191,18 @@ def test_deferred_models_cost_nothing_until_initialized():
     streaming.initialize_deferred([decoder], streaming.match_torch_state(decoder, state, "t"))
     assert all(np.all(v.numpy() == 0.5) for v in decoder.weights)
     assert decoder(np.zeros((1, 2, 2, 4), "float32")).shape == (1, 4, 4, 3)
+
+
+def test_paused_gc_restores_the_previous_state_even_after_an_error():
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), streaming.paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("a failed load")
+    assert gc.isenabled()
+    gc.disable()  # a user's own choice survives a load
+    try:
+        with streaming.paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -234,6 +234,7 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
     return models
 
 
+@streaming.paused_gc()
 def load_checkpoint(
     path,
     *,

@@ -374,6 +374,7 @@ def load_keras_cv_weights(
         variable.assign(value())
 
 
+@streaming.paused_gc()
 def from_keras_cv(
     model=None,
     *,
