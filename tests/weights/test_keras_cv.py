@@ -187,6 +187,15 @@ def test_wrong_component_is_refused():
         match_keras_cv("image_encoder", vae.VAEEncoder(**vae.SD1_CONFIG), swapped, "enc.h5")
 
 
+def test_in_memory_conversion_runs_with_the_garbage_collector_paused(monkeypatch):
+    from keras_sd.weights import keras_cv as keras_cv_weights
+
+    seen = []  # what the build of the keras-sd models would see
+    monkeypatch.setattr(keras_cv_weights, "_assemble", lambda *args: seen.append(gc.isenabled()))
+    from_keras_cv(decoder=SimpleNamespace(weights=[]))
+    assert seen == [False] and gc.isenabled()
+
+
 def _kcv_components(version: str) -> dict:
     v2 = version == "sd2"
     text = kcv_text.TextEncoderV2 if v2 else kcv_text.TextEncoder

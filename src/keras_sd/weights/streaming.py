@@ -373,9 +373,9 @@ def paused_gc():
     variables and their trackers), enough allocations to start full collections, and each
     walks the whole heap (about 450,000 objects once TensorFlow and Keras are loaded):
     0.24 s per collection for SD 1.5 on TensorFlow, in the main thread, holding the GIL
-    that the conversion workers need between their copies. A load leaves almost no cyclic garbage
-    (20 objects for SD 1.5), which the next collection after it finds. Usable as a
-    decorator.
+    that the conversion workers need between their copies. A load leaves almost no
+    cyclic garbage (20 objects for SD 1.5), which the next collection after it finds.
+    Usable as a decorator.
 
     Example:
     >>> import gc
