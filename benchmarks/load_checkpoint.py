@@ -113,7 +113,8 @@ def main() -> None:
     ratio = summary["keras-sd"]["median_seconds"] / summary["safetensors"]["median_seconds"]
     print(f"time ratio keras-sd / safetensors: {ratio:.2f} (target <= 1.5)")
     # Each pair ran back to back, so its ratio sees one state of the machine's memory.
-    pairs = [k["seconds"] / s["seconds"] for s, k in zip(*results.values(), strict=True)]
+    paired = zip(results["safetensors"], results["keras-sd"], strict=True)
+    pairs = [k["seconds"] / s["seconds"] for s, k in paired]
     summary["pair_ratios"] = pairs
     met = sum(r <= 1.5 for r in pairs)
     shown = ", ".join(f"{r:.2f}" for r in pairs)
