@@ -6,7 +6,7 @@
 Compares, each in a fresh subprocess (so peak RSS is per run) and with the file
 already in the page cache (one untimed read first):
   safetensors  `safetensors.numpy.load_file(path)`: reading the tensors, nothing else
-  keras-sd     `keras_sd.weights.checkpoint.load_checkpoint(path)`: a ready `StableDiffusion`
+  keras-sd     `keras_sd.StableDiffusion.from_checkpoint(path)`: a ready `StableDiffusion`
 Targets: keras-sd time <= 1.5x safetensors, keras-sd peak RSS < 2x the file size.
 Runs alternate, and each pair's ratio is printed too: on VMs whose cost of new memory
 changes from minute to minute, a pair sees one state of it.
@@ -35,7 +35,8 @@ path, what = sys.argv[1], sys.argv[2]
 if what == "safetensors":
     from safetensors.numpy import load_file as load
 else:
-    from keras_sd.weights.checkpoint import load_checkpoint as load
+    from keras_sd import StableDiffusion
+    load = StableDiffusion.from_checkpoint
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 result = load(path)

@@ -3,7 +3,7 @@
     python benchmarks/profile_load.py --path /tmp/keras-sd-bench/sd15-seed0
     KERAS_BACKEND=jax python benchmarks/profile_load.py --path model.safetensors
 
-Loads `--path` (any layout `keras_sd.weights.checkpoint.load_checkpoint` reads) once
+Loads `--path` (any layout `StableDiffusion.from_checkpoint` reads) once
 in this process, after one untimed read of its files so that they are in the page
 cache, and prints:
   - the total seconds, and the main thread's profile (cProfile, `--top` functions by
@@ -106,7 +106,7 @@ def main() -> None:
     profile = cProfile.Profile()
     start = time.perf_counter()
     profile.enable()
-    checkpoint.load_checkpoint(args.path)
+    checkpoint.checkpoint_kwargs(args.path)
     profile.disable()
     total = time.perf_counter() - start
 

@@ -475,7 +475,7 @@ def shared_weights_for_keras_cv(folder: str, out: str) -> dict:
 
     import keras
 
-    from keras_sd.weights.checkpoint import load_checkpoint
+    from keras_sd import StableDiffusion
     from keras_sd.weights.keras_cv import _ORDERS
     from keras_sd.weights.state_dict import named_variables
 
@@ -489,7 +489,7 @@ def shared_weights_for_keras_cv(folder: str, out: str) -> dict:
 
         host = tf.device("/CPU:0")
     with host:
-        sd = load_checkpoint(folder)
+        sd = StableDiffusion.from_checkpoint(folder)
     paths = {}
     for component in ("text_encoder", "diffusion_model", "decoder"):
         model = getattr(sd, component)

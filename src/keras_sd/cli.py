@@ -192,7 +192,7 @@ def generate(args) -> int:
 
 
 def convert(args) -> int:
-    from keras_sd.weights.checkpoint import convert as convert_checkpoint
+    from keras_sd.conversion import convert as convert_checkpoint
 
     if not os.path.exists(args.src):
         raise UsageError(f"SRC {args.src!r} does not exist")

@@ -19,8 +19,9 @@ from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
 from keras_sd.sampling import Sampler
-from keras_sd.schedulers import DDIMScheduler
+from keras_sd.schedulers import build_scheduler, get_scheduler
 from keras_sd.tokenizer import CLIPTokenizer
+from keras_sd.weights import bundle, checkpoint, hub, keras_cv
 
 
 class StableDiffusion:
@@ -28,25 +29,30 @@ class StableDiffusion:
 
     The constructor builds the architecture named by `config` with random
     weights and downloads nothing; load weights with `from_preset` or
-    `from_checkpoint`, or assign components. The KerasCV signature
-    `StableDiffusion(img_width, img_height, jit_compile)` and attribute names
+    `from_checkpoint`, or assign components. KerasCV's signature
+    `StableDiffusion(img_height, img_width, jit_compile)` and attribute names
     (`tokenizer`, `text_encoder`, `diffusion_model`, `decoder`, `image_encoder`)
-    are kept, so KerasCV code keeps working.
+    are kept, so KerasCV code keeps working. Components are read when a method is
+    called: assigning one (say `sd.diffusion_model = my_unet`) takes effect on the
+    next call, with its own compiled programs.
 
     Args:
-        img_width: default image width in pixels, a multiple of the VAE factor (8).
-        img_height: default image height in pixels, likewise.
+        img_height: default image height in pixels, a multiple of the VAE factor (8).
+        img_width: default image width in pixels, likewise.
         jit_compile: True (XLA), False or "auto" (XLA on GPUs, and on CPUs for
             full-size float32 models; see `keras_sd.backend.resolve_jit_compile`); the
             whole denoising loop is one compiled program either way.
         config: a model configuration name from `keras_sd.presets.MODEL_CONFIGS`
             ("sd1", "sd2", "tiny", ...) or a dict with the keys "tokenizer",
             "text_encoder", "unet", "vae" and "scheduler".
-        tokenizer, text_encoder, diffusion_model, decoder, image_encoder, scheduler:
-            ready components used instead of building them from `config`.
+        tokenizer, text_encoder, diffusion_model, decoder, image_encoder: ready
+            components used instead of building them from `config`.
+        scheduler: a `keras_sd.schedulers.Scheduler`, or a name from
+            `keras_sd.schedulers.scheduler_names()` ("ddim", "DDIMScheduler", ...)
+            built with the config's scheduler settings.
 
     Example:
-    >>> sd = StableDiffusion(img_width=64, img_height=64, config="tiny")
+    >>> sd = StableDiffusion(img_height=64, img_width=64, config="tiny")
     >>> images = sd.text_to_image("a red circle", num_steps=2, seed=1)
     >>> images.shape, images.dtype
     ((1, 64, 64, 3), dtype('uint8'))
@@ -54,8 +60,8 @@ class StableDiffusion:
 
     def __init__(
         self,
-        img_width: int = 512,
         img_height: int = 512,
+        img_width: int = 512,
         jit_compile="auto",
         *,
         config="sd1",
@@ -75,29 +81,28 @@ class StableDiffusion:
         self.diffusion_model = diffusion_model or UNet(**cfg["unet"])
         self.decoder = decoder or VAEDecoder(**cfg["vae"])
         self.image_encoder = image_encoder or VAEEncoder(**cfg["vae"])
-        self.scheduler = scheduler or DDIMScheduler(**cfg["scheduler"])
+        self.scheduler = self._get_scheduler(scheduler)
         self._validate_size("img_width", img_width)
         self._validate_size("img_height", img_height)
         self.img_width, self.img_height = img_width, img_height
         # Generation settings a preset recommends (the CLI's defaults).
         self.defaults = {"num_steps": 50, "guidance_scale": 7.5}
-        # "auto" decided once, by device and by the UNet's precision and size.
-        unet_params = sum(math.prod(v.shape) for v in self.diffusion_model.weights)
-        unet_dtype = self.diffusion_model.compute_dtype
-        jit = backend.resolve_jit_compile(jit_compile, unet_dtype, unet_params)
-        self.sampler = Sampler(self.diffusion_model, jit)
-        self._encode_fn = backend.compile_function(backend.stateless(self.text_encoder), jit)
-        self._decode_fn = backend.compile_function(backend.stateless(self.decoder), jit)
+        self._compiled = {}  # role -> (component, compiled program), see _program
 
     # ------------------------------------------------------------ constructors
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> StableDiffusion:
+    def from_preset(cls, name: str, *, jit_compile="auto", **kwargs):
         """Load a named model: a bundled one (offline) or a hub download (cached).
 
         Args:
             name: one of `keras_sd.presets.preset_names()`, e.g. "tiny-shapes"
                 (bundled), "sd-v1-5", "sd-v2-1".
-            **kwargs: `img_width`, `img_height`, `jit_compile`, ...
+            jit_compile: see the class.
+            **kwargs: `img_width`, `img_height`, and for hub presets the arguments of
+                `keras_sd.weights.hub.preset_kwargs` (`cache_dir`, `token`, ...).
+
+        Returns:
+            An instance of `cls` (subclasses load as themselves).
 
         Example:
         >>> sd = StableDiffusion.from_preset("tiny-shapes")
@@ -105,46 +110,91 @@ class StableDiffusion:
         3
         """
         if name in presets.BUNDLED_PRESETS:
-            from keras_sd.weights.bundle import load_bundle
-
-            return load_bundle(presets.bundled_preset_path(name), **kwargs)
-        from keras_sd.weights.hub import load_preset
-
-        return load_preset(name, **kwargs)
+            parts = bundle.bundle_kwargs(presets.bundled_preset_path(name), **kwargs)
+        else:
+            parts = hub.preset_kwargs(name, **kwargs)
+        return cls(jit_compile=jit_compile, **parts)
 
     @classmethod
-    def from_checkpoint(cls, path, **kwargs) -> StableDiffusion:
-        """Load a single-file (.safetensors/.ckpt) checkpoint or a diffusers folder.
+    def from_checkpoint(cls, path, *, jit_compile="auto", **kwargs):
+        """Load a single-file (.safetensors/.ckpt) checkpoint, a diffusers folder, a
+        keras-sd file or KerasCV `.h5` weights.
 
-        See `keras_sd.weights.checkpoint.load_checkpoint` for the overrides.
+        Args:
+            path: see `keras_sd.weights.checkpoint.checkpoint_kwargs`.
+            jit_compile: see the class.
+            **kwargs: `config`, `prediction_type`, `img_size`, `img_width`,
+                `img_height`, `use_ema` and per-component overrides, as documented in
+                `keras_sd.weights.checkpoint.checkpoint_kwargs`.
+
+        Returns:
+            An instance of `cls` (subclasses load as themselves).
 
         Example:
         >>> sd = StableDiffusion.from_checkpoint("v1-5.safetensors")  # doctest: +SKIP
         """
-        from keras_sd.weights.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, **kwargs)
+        return cls(jit_compile=jit_compile, **checkpoint.checkpoint_kwargs(path, **kwargs))
 
     @classmethod
-    def from_keras_cv(cls, model, **kwargs) -> StableDiffusion:
+    def from_keras_cv(cls, model=None, *, jit_compile="auto", **kwargs):
         """Convert an in-memory `keras_cv.models.StableDiffusion` (or V2) model.
+
+        Args:
+            model: the KerasCV model; see `keras_sd.weights.keras_cv.keras_cv_kwargs`
+                for the per-component and image-size arguments in `kwargs`.
+            jit_compile: see the class.
+
+        Returns:
+            An instance of `cls` (subclasses load as themselves).
 
         Example:
         >>> sd = StableDiffusion.from_keras_cv(keras_cv.models.StableDiffusion())  # doctest: +SKIP
         """
-        from keras_sd.weights.keras_cv import from_keras_cv
+        return cls(jit_compile=jit_compile, **keras_cv.keras_cv_kwargs(model, **kwargs))
 
-        return from_keras_cv(model, **kwargs)
+    def save_checkpoint(self, path, layout: str = "compvis", dtype: str | None = None) -> None:
+        """Save as a CompVis single-file .safetensors, a diffusers folder or a keras-sd file.
 
-    def save_checkpoint(self, path, layout: str = "compvis") -> None:
-        """Save as a CompVis single-file .safetensors or a diffusers folder.
+        See `keras_sd.weights.checkpoint.save_checkpoint` for the layouts.
 
         Example:
         >>> sd.save_checkpoint("model.safetensors")  # doctest: +SKIP
         """
-        from keras_sd.weights.checkpoint import save_checkpoint
+        checkpoint.save_checkpoint(self, path, layout=layout, dtype=dtype)
 
-        save_checkpoint(self, path, layout=layout)
+    def _get_scheduler(self, scheduler):
+        """A scheduler instance, or the registered one named, with the config's settings."""
+        if scheduler is None or isinstance(scheduler, str):
+            return build_scheduler(self.config["scheduler"], name=scheduler)
+        return get_scheduler(scheduler)
+
+    # ------------------------------------------------------- compiled programs
+    def _jit(self) -> bool:
+        """`jit_compile` resolved for the current UNet's precision and size."""
+        unet = self.diffusion_model
+        params = sum(math.prod(v.shape) for v in unet.weights)
+        return backend.resolve_jit_compile(self.jit_compile, unet.compute_dtype, params)
+
+    def _program(self, role: str, component, build):
+        """The compiled program `build()` made for `component`, rebuilt when the
+        attribute holding it has been assigned another object."""
+        cached = self._compiled.get(role)
+        if cached is None or cached[0] is not component:
+            cached = self._compiled[role] = (component, build())
+        return cached[1]
+
+    @property
+    def sampler(self) -> Sampler:
+        """The compiled denoising loop around the current `diffusion_model`."""
+        unet = self.diffusion_model
+        return self._program("sampler", unet, lambda: Sampler(unet, self._jit()))
+
+    def _stateless_program(self, role: str):
+        model = getattr(self, role)
+        program = self._program(
+            role, model, lambda: backend.compile_function(backend.stateless(model), self._jit())
+        )
+        return program, backend.model_state(model)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -190,9 +240,18 @@ class StableDiffusion:
         >>> tuple(sd.encode_text("a red circle").shape)[:2]
         (1, 77)
         """
-        tokens = ops.convert_to_tensor(self._tokenize(prompt), "int32")
+        token_ids = self._tokenize(prompt)
+        table = getattr(self.text_encoder, "vocab_size", None)
+        if table is not None and int(np.max(token_ids)) >= table:
+            raise ValueError(
+                f"prompt uses token id {int(np.max(token_ids))} but the text encoder has "
+                f"{table} token embeddings: the tokenizer has added tokens the text "
+                "encoder's embedding table does not hold; grow the table for them "
+                "(load or train their embeddings) before using them."
+            )
+        program, weights = self._stateless_program("text_encoder")
         with backend.no_grad():
-            return self._encode_fn(backend.model_state(self.text_encoder), tokens)
+            return program(weights, ops.convert_to_tensor(token_ids, "int32"))
 
     def generate_image(
         self,
@@ -223,7 +282,8 @@ class StableDiffusion:
                 with `seed`.
             seed: seed of the starting noise (numpy, so it is the same on every
                 backend); None draws a fresh one.
-            scheduler: overrides `self.scheduler` for this call.
+            scheduler: overrides `self.scheduler` for this call: a scheduler or a
+                registered name (built with the model config's settings).
             width, height: override the constructor's image size for this call.
             progress: show a progress bar over the denoising steps.
 
@@ -250,7 +310,7 @@ class StableDiffusion:
             )
         if diffusion_noise is not None and seed is not None:
             raise ValueError("Pass either diffusion_noise or seed, not both.")
-        scheduler = scheduler or self.scheduler
+        scheduler = self.scheduler if scheduler is None else self._get_scheduler(scheduler)
         context = _expand_batch(encoded_text, batch_size, "encoded_text")
         uncond = None
         if unconditional_guidance_scale > 1.0:
@@ -296,8 +356,9 @@ class StableDiffusion:
     def decode_latents(self, latents) -> np.ndarray:
         """Decode latents to uint8 images [B, H, W, 3] (applies the VAE scaling factor)."""
         scaled = ops.cast(latents, "float32") / self.decoder.scaling_factor
+        program, weights = self._stateless_program("decoder")
         with backend.no_grad():
-            pixels = self._decode_fn(backend.model_state(self.decoder), scaled)
+            pixels = program(weights, scaled)
         pixels = np.asarray(ops.convert_to_numpy(ops.cast(pixels, "float32")))
         return np.round(np.clip((pixels + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
 

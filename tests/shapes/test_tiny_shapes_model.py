@@ -2,9 +2,8 @@
 
 import pytest
 
-from keras_sd import presets
+from keras_sd import StableDiffusion
 from keras_sd.shapes import checker, dataset
-from keras_sd.weights.bundle import load_bundle
 
 TRAIN_PROMPT = "a red circle on a blue background"  # the README's first command
 HELD_OUT_PROMPT = dataset.HELD_OUT[0].caption  # never seen in training
@@ -12,7 +11,7 @@ HELD_OUT_PROMPT = dataset.HELD_OUT[0].caption  # never seen in training
 
 @pytest.fixture(scope="module")
 def tiny_shapes():
-    return load_bundle(presets.bundled_preset_path("tiny-shapes"), jit_compile=False)
+    return StableDiffusion.from_preset("tiny-shapes", jit_compile=False)
 
 
 @pytest.mark.parametrize("prompt", [TRAIN_PROMPT, HELD_OUT_PROMPT])

@@ -1,4 +1,4 @@
-"""save_bundle / load_bundle: one-file round trip and clear errors for bad files."""
+"""save_bundle / from_checkpoint: one-file round trip and clear errors for bad files."""
 
 import keras
 import numpy as np
@@ -6,7 +6,9 @@ import pytest
 
 from keras_sd.pipeline import StableDiffusion
 from keras_sd.presets import resolve_model_config
-from keras_sd.weights.bundle import load_bundle, save_bundle
+from keras_sd.weights.bundle import bundle_kwargs, save_bundle
+
+load_bundle = StableDiffusion.from_checkpoint
 
 
 def random_float16_weights(model, rng):
@@ -75,6 +77,8 @@ def test_plain_safetensors_is_refused(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"unet.x": np.zeros(2, np.float32)}, str(path))
     with pytest.raises(ValueError, match="not a keras-sd bundle"):
+        bundle_kwargs(path)
+    with pytest.raises(ValueError, match="not a Stable Diffusion checkpoint"):
         load_bundle(path)
 
 

@@ -22,8 +22,10 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import keras_sd  # noqa: E402
+from keras_sd import StableDiffusion  # noqa: E402
+from keras_sd.conversion import convert  # noqa: E402
 from keras_sd.models import clip_text, unet, vae  # noqa: E402
-from keras_sd.weights.checkpoint import convert, load_checkpoint, save_checkpoint  # noqa: E402
+from keras_sd.weights.checkpoint import save_checkpoint  # noqa: E402
 from keras_sd.weights.compvis import diffusers_to_compvis  # noqa: E402
 from keras_sd.weights.safe_pickle import UnsafeCheckpointError  # noqa: E402
 from keras_sd.weights.state_dict import CheckpointError, named_variables  # noqa: E402
@@ -221,7 +223,7 @@ def test_single_file_matches_diffusers_reader(tmp_path, references, version, fil
     read = _diffusers_single_file(path, _write_config_folder(models, tmp_path / "configs"))
     _assert_models_equal(read, models)  # diffusers understands the file as the references
 
-    sd = load_checkpoint(path, config=CONFIGS[version], img_size=64)
+    sd = StableDiffusion.from_checkpoint(path, config=CONFIGS[version], img_size=64)
 
     errors = _compare(sd, read)
     print(f"{version} {filename}: {errors}")
@@ -249,7 +251,7 @@ def test_diffusers_folder_written_by_diffusers(tmp_path, references, version):
         tmp_path / "model" / "tokenizer", "!" if version == "sd2" else "<|endoftext|>"
     )
 
-    sd = load_checkpoint(tmp_path / "model")
+    sd = StableDiffusion.from_checkpoint(tmp_path / "model")
 
     errors = _compare(sd, models)
     print(f"{version} diffusers folder: {errors}")
@@ -274,7 +276,7 @@ def sd_files(tmp_path_factory, references):
 
 @pytest.mark.parametrize("version", ["sd1", "sd2"])
 def test_saved_files_load_in_diffusers(tmp_path, sd_files, version):
-    sd = load_checkpoint(sd_files[version], config=CONFIGS[version], img_size=64)
+    sd = StableDiffusion.from_checkpoint(sd_files[version], config=CONFIGS[version], img_size=64)
     save_checkpoint(sd, tmp_path / "compvis.safetensors")
     save_checkpoint(sd, tmp_path / "folder", layout="diffusers")
 
@@ -305,10 +307,12 @@ def test_saved_files_load_in_diffusers(tmp_path, sd_files, version):
 def test_round_trip_is_bit_identical(tmp_path, sd_files, version):
     from safetensors.numpy import load_file
 
-    sd = load_checkpoint(sd_files[version], config=CONFIGS[version], img_size=64)
+    sd = StableDiffusion.from_checkpoint(sd_files[version], config=CONFIGS[version], img_size=64)
     for layout, path in (("compvis", tmp_path / "a.safetensors"), ("diffusers", tmp_path / "b")):
         save_checkpoint(sd, path, layout=layout)
-        _assert_same_weights(sd, load_checkpoint(path, config=CONFIGS[version], img_size=64))
+        _assert_same_weights(
+            sd, StableDiffusion.from_checkpoint(path, config=CONFIGS[version], img_size=64)
+        )
     # float16 in, float16 out: the very same bytes as the original file.
     convert(sd_files[version], tmp_path / "c.safetensors", dtype="float16", config=CONFIGS[version])
     original, again = load_file(sd_files[version]), load_file(tmp_path / "c.safetensors")
@@ -322,7 +326,7 @@ def test_inpainting_unet_is_detected(tmp_path):
     path = _save(diffusers_to_compvis(_diffusers_state(models), "sd1"), tmp_path / "inpaint.ckpt")
     read = _diffusers_single_file(path, _write_config_folder(models, tmp_path / "configs"))
 
-    sd = load_checkpoint(path, config="tiny")
+    sd = StableDiffusion.from_checkpoint(path, config="tiny")
 
     assert sd.diffusion_model.in_channels == 9
     errors = _compare(sd, read)
@@ -339,13 +343,13 @@ def test_ema_weights_are_used_on_request(tmp_path, references):
     flat["model_ema.num_updates"] = np.array(1000)
     path = _save(flat, tmp_path / "pruned.safetensors")
 
-    plain = load_checkpoint(path, config="tiny")
-    with_ema = load_checkpoint(path, config="tiny", use_ema=True)
+    plain = StableDiffusion.from_checkpoint(path, config="tiny")
+    with_ema = StableDiffusion.from_checkpoint(path, config="tiny", use_ema=True)
 
     assert _compare(plain, models)["diffusion_model"] < TOLERANCE
     assert _compare(with_ema, {**models, "unet": ema})["diffusion_model"] < TOLERANCE
     with pytest.raises(CheckpointError, match="no EMA copy"):
-        load_checkpoint(
+        StableDiffusion.from_checkpoint(
             _save(diffusers_to_compvis(_diffusers_state(models)), tmp_path / "x.safetensors"),
             config="tiny",
             use_ema=True,
@@ -372,7 +376,7 @@ def test_sd2_prediction_type_and_size_defaults(
     path = tmp_path / filename
     path.symlink_to(sd_files["sd2"])
     overrides = {k: v for k, v in CONFIGS["sd2"].items() if k in ("unet", "text_encoder", "vae")}
-    sd = load_checkpoint(path, **overrides, **kwargs)
+    sd = StableDiffusion.from_checkpoint(path, **overrides, **kwargs)
     assert sd.scheduler.prediction_type == prediction
     assert (sd.img_width, sd.img_height) == (size, size)
     assert sd.tokenizer.pad_token == "!"  # SD 2.x pads like open_clip
@@ -391,7 +395,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, references):
     torch.save({"state_dict": state, "callbacks": Payload()}, path)
 
     with pytest.raises(UnsafeCheckpointError, match="posix.system"):
-        load_checkpoint(path, config="tiny")
+        StableDiffusion.from_checkpoint(path, config="tiny")
     assert not marker.exists()
 
 
@@ -417,7 +421,7 @@ def test_truncated_safetensors(tmp_path, sd_files):
     path = tmp_path / "v1-5.safetensors"
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ValueError) as info:
-        load_checkpoint(path, config="tiny")
+        StableDiffusion.from_checkpoint(path, config="tiny")
     _assert_clean_error(info, "v1-5.safetensors", "truncated")
 
 
@@ -427,22 +431,22 @@ def test_checkpoint_of_another_model(tmp_path, references):
     text = torch_state_dict(references["sd1"]["text_encoder"])
     save_file(text, tmp_path / "clip.safetensors")
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / "clip.safetensors")
+        StableDiffusion.from_checkpoint(tmp_path / "clip.safetensors")
     _assert_clean_error(info, "clip.safetensors", "not a Stable Diffusion checkpoint", "diffusers")
 
     torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "classifier.pt")
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / "classifier.pt")
+        StableDiffusion.from_checkpoint(tmp_path / "classifier.pt")
     _assert_clean_error(info, "classifier.pt", "fc.weight")
 
     unet_only = diffusers_to_compvis({"unet": torch_state_dict(references["sd1"]["unet"])})
     save_file({**unet_only, "conditioner.embedders.0.x": np.ones(1)}, tmp_path / "xl.safetensors")
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / "xl.safetensors")
+        StableDiffusion.from_checkpoint(tmp_path / "xl.safetensors")
     _assert_clean_error(info, "SDXL")
     save_file(unet_only, tmp_path / "unet_only.safetensors")
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / "unet_only.safetensors")
+        StableDiffusion.from_checkpoint(tmp_path / "unet_only.safetensors")
     _assert_clean_error(info, "no VAE")
 
 
@@ -450,18 +454,22 @@ def test_missing_component_folder(tmp_path, references):
     for component in ("unet", "text_encoder"):
         references["sd1"][component].save_pretrained(tmp_path / "model" / component)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / "model")
+        StableDiffusion.from_checkpoint(tmp_path / "model")
     _assert_clean_error(info, "no 'vae' folder", "unet/, vae/ and text_encoder/")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_checkpoint(tmp_path / "nowhere")
+        StableDiffusion.from_checkpoint(tmp_path / "nowhere")
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path, sd_files):
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(sd_files["sd1"], config="tiny", unet={"transformer_layers_per_block": 2})
+        StableDiffusion.from_checkpoint(
+            sd_files["sd1"], config="tiny", unet={"transformer_layers_per_block": 2}
+        )
     _assert_clean_error(info, "UNet", "missing keys", "transformer_blocks.1")
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(sd_files["sd2"], config="tiny", unet={"use_linear_projection": False})
+        StableDiffusion.from_checkpoint(
+            sd_files["sd2"], config="tiny", unet={"use_linear_projection": False}
+        )
     _assert_clean_error(info, "shape mismatches", "proj_in")
 
 
@@ -470,9 +478,9 @@ def test_loading_needs_no_torch(tmp_path, sd_files, references):
         diffusers_to_compvis(_diffusers_state(references["sd1"]), "sd1"), tmp_path / "m.ckpt"
     )
     code = (
-        "import sys; from keras_sd.weights.checkpoint import load_checkpoint; "
-        f"load_checkpoint({str(sd_files['sd1'])!r}, config='tiny'); "
-        f"load_checkpoint({str(ckpt)!r}, config='tiny'); "
+        "import sys; from keras_sd import StableDiffusion; "
+        f"StableDiffusion.from_checkpoint({str(sd_files['sd1'])!r}, config='tiny'); "
+        f"StableDiffusion.from_checkpoint({str(ckpt)!r}, config='tiny'); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC), "KERAS_BACKEND": "tensorflow"}
@@ -575,7 +583,7 @@ def test_full_size_single_file_matches_diffusers_reader(tmp_path, version):
     del read
     gc.collect()
 
-    sd = load_checkpoint(path)
+    sd = StableDiffusion.from_checkpoint(path)
 
     errors = _errors(sd, inputs, reference)
     print(f"full-size {version}: {errors}")

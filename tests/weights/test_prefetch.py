@@ -195,7 +195,7 @@ def test_loaded_variables_live_in_the_arena_and_free_it_with_the_model(
 
     make_arena = prefetch._anonymous_memory
     monkeypatch.setattr(prefetch, "_anonymous_memory", recorded)
-    loaded = checkpoint.load_checkpoint(path, config="tiny", jit_compile=False)
+    loaded = StableDiffusion.from_checkpoint(path, config="tiny", jit_compile=False)
     (begin, size), outside = arenas[0], []
     for attr in ("text_encoder", "diffusion_model", "decoder", "image_encoder"):
         for ours, theirs in zip(

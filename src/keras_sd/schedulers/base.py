@@ -2,11 +2,19 @@
 
 A scheduler is a frozen config plus numpy tables derived from it. Python-level
 work (validating arguments, choosing the timesteps of a run) happens once in
-`schedule()`, which returns plain arrays; the per-step methods (`step`,
-`scale_model_input`) take the step index as a possibly traced integer tensor and
-use `keras.ops` only, so a whole sampling loop compiles into one program
-(`keras.ops.fori_loop` under jit). The training helpers (`add_noise`,
-`velocity`, `training_target`, `predict_original`) take per-example timesteps.
+`schedule()`, which returns plain arrays. The sampling loop carries a *state*, a
+dict of tensors that `init_state` makes from the starting latents: `{"sample": x}`
+for single-step solvers, plus earlier model outputs (or counters) for multistep
+ones. The per-step methods (`step`, `scale_model_input`) take the step index as a
+possibly traced integer tensor and use `keras.ops` only, so a whole sampling loop
+compiles into one program (`keras.ops.fori_loop` under jit). The training helpers
+(`add_noise`, `velocity`, `training_target`, `predict_original`) take per-example
+timesteps.
+
+A scheduler's configuration is the arguments of its `__init__`, each stored as an
+attribute of the same name: `get_config` reads them from the signature, so a
+subclass that adds a parameter is part of the configuration (and of the compiled
+programs' cache key) without writing `get_config` itself.
 
 Notation: `alpha_prod_t` is the cumulative product of (1 - beta) up to t, the
 alpha_t of the DDIM paper (Song et al. 2020) and alpha-bar_t of DDPM (Ho et al.
@@ -16,6 +24,7 @@ alpha_t of the DDIM paper (Song et al. 2020) and alpha-bar_t of DDPM (Ho et al.
 from __future__ import annotations
 
 import abc
+import inspect
 import numbers
 
 import numpy as np
@@ -217,21 +226,36 @@ class Scheduler(abc.ABC):
         )
 
     def get_config(self) -> dict:
-        """The constructor arguments, as a plain dict."""
-        return {
-            "num_train_timesteps": self.num_train_timesteps,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "beta_schedule": self.beta_schedule,
-            "prediction_type": self.prediction_type,
-            "timestep_spacing": self.timestep_spacing,
-            "steps_offset": self.steps_offset,
-        }
+        """The constructor arguments, as a plain dict, read from `__init__`'s signature.
+
+        Every parameter of the concrete class's `__init__` (not `*args`/`**kwargs`)
+        must be stored as an attribute of the same name.
+        """
+        config = {}
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if not hasattr(self, name):
+                raise TypeError(
+                    f"{type(self).__name__}.__init__ takes `{name}` but does not store it as "
+                    f"`self.{name}`; a scheduler's configuration is its constructor arguments."
+                )
+            config[name] = getattr(self, name)
+        return config
 
     @classmethod
     def from_config(cls, config: dict):
         """Rebuild a scheduler from `get_config()` output."""
         return cls(**config)
+
+    # The keys of a diffusers scheduler config this class reads, with the value the
+    # diffusers class assumes when a (older) config omits the key.
+    diffusers_defaults: dict = {}
+
+    @classmethod
+    def config_from_diffusers(cls, cfg: dict) -> dict:
+        """Constructor arguments equivalent to the diffusers class's `from_config(cfg)`."""
+        return diffusers_config(cfg, cls.diffusers_defaults)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -241,13 +265,37 @@ class Scheduler(abc.ABC):
         """Raise ValueError unless 1 <= num_steps <= num_train_timesteps."""
         check_int("num_steps", num_steps, 1, self.num_train_timesteps)
 
-    @abc.abstractmethod
-    def schedule(self, num_steps: int, strength: float = 1.0) -> dict:
-        """Per-step tables of a run; "timesteps" [N] int32 descending plus constants."""
+    def start_index(self, num_steps: int, strength: float = 1.0) -> int:
+        """First step of `schedule(num_steps)` that a run with `strength` executes.
+
+        Image-to-image runs the last int(num_steps * strength) steps of the full
+        schedule (diffusers' rule), so every strength shares one set of tables and
+        one compiled program.
+        """
+        self.check_num_steps(num_steps)
+        return img2img_start(num_steps, strength)
 
     @abc.abstractmethod
-    def step(self, sample, model_output, index, schedule: dict, noise=None):
-        """The sample at the next (less noisy) step, from the model output at `index`."""
+    def schedule(self, num_steps: int, strength: float = 1.0) -> dict:
+        """Per-step tables of a run; "timesteps" [N] int32 descending plus constants.
+
+        With `strength` < 1 only the last int(N * strength) entries are returned;
+        the sampler instead takes the full tables and starts at `start_index`.
+        """
+
+    def init_state(self, sample, schedule: dict) -> dict:
+        """The loop state at the first step: `{"sample": sample}` plus whatever a
+        multistep solver keeps (tensors of fixed shape and dtype, e.g. the previous
+        model output as zeros and a step counter)."""
+        return {"sample": ops.cast(sample, "float32")}
+
+    @abc.abstractmethod
+    def step(self, state: dict, model_output, index, schedule: dict, noise=None) -> dict:
+        """The state at the next (less noisy) step, from the model output at `index`.
+
+        `state["sample"]` is the current x_t; the returned dict has the same keys,
+        shapes and dtypes (it is carried through `keras.ops.fori_loop`).
+        """
 
     def scale_model_input(self, sample, index, schedule: dict):
         """The sample as the model should see it at step `index` (identity by default)."""

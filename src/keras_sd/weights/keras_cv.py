@@ -280,9 +280,7 @@ def _identify(arrays: list) -> str:
 
 
 # ------------------------------------------------------------------ public API
-def _assemble(weights: dict, source: str, img_width, img_height, jit_compile):
-    from keras_sd.pipeline import StableDiffusion
-
+def _assemble(weights: dict, source: str, img_width, img_height) -> dict:
     missing = [c for c in ("text_encoder", "diffusion_model", "decoder") if c not in weights]
     if missing:
         raise CheckpointError(
@@ -314,23 +312,26 @@ def _assemble(weights: dict, source: str, img_width, img_height, jit_compile):
         streaming.forget_deferred([models["image_encoder"]])
         models["image_encoder"] = type(models["image_encoder"])(**config["vae"])
     streaming.initialize_deferred([models[c] for c in weights], pairs)
-    return StableDiffusion(
-        img_width or 512, img_height or 512, jit_compile, config=config, **models
-    )
+    return {
+        "config": config,
+        "img_width": img_width or 512,
+        "img_height": img_height or 512,
+        **models,
+    }
 
 
-def load_keras_cv_checkpoint(paths, img_width=None, img_height=None, jit_compile="auto"):
-    """A `StableDiffusion` from KerasCV `.h5` weight files (one per component).
+def keras_cv_checkpoint_kwargs(paths, img_width=None, img_height=None) -> dict:
+    """The `StableDiffusion(...)` arguments for KerasCV `.h5` weight files (one per
+    component): config, image size and the loaded components.
 
     Args:
         paths: one `.h5` path or several (text encoder, diffusion model, decoder and
             optionally image encoder, in any order: each file's component is recognised
             from its first weights, SD 1.x vs 2.x from which configuration's shapes fit).
         img_width, img_height: default image size (512).
-        jit_compile: passed to `StableDiffusion`.
 
     Example:
-    >>> sd = load_keras_cv_checkpoint(["kcv_encoder.h5", "kcv_diffusion_model.h5",
+    >>> parts = keras_cv_checkpoint_kwargs(["kcv_encoder.h5", "kcv_diffusion_model.h5",
     ...                                "kcv_decoder.h5", "vae_encoder.h5"])  # doctest: +SKIP
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -342,7 +343,7 @@ def load_keras_cv_checkpoint(paths, img_width=None, img_height=None, jit_compile
             raise CheckpointError(f"two KerasCV {component} files given: {paths}.")
         weights[component] = arrays
     source = ", ".join(Path(p).name for p in paths)
-    return _assemble(weights, source, img_width, img_height, jit_compile)
+    return _assemble(weights, source, img_width, img_height)
 
 
 def load_keras_cv_weights(
@@ -375,7 +376,7 @@ def load_keras_cv_weights(
 
 
 @streaming.paused_gc()
-def from_keras_cv(
+def keras_cv_kwargs(
     model=None,
     *,
     text_encoder=None,
@@ -384,9 +385,9 @@ def from_keras_cv(
     image_encoder=None,
     img_width=None,
     img_height=None,
-    jit_compile="auto",
-):
-    """Convert an in-memory KerasCV Stable Diffusion model to a keras-sd `StableDiffusion`.
+) -> dict:
+    """The `StableDiffusion(...)` arguments that convert an in-memory KerasCV Stable
+    Diffusion model: config, image size and keras-sd components with its weights.
 
     Args:
         model: a `keras_cv.models.StableDiffusion` or `StableDiffusionV2`. KerasCV builds
@@ -395,15 +396,13 @@ def from_keras_cv(
         text_encoder, diffusion_model, decoder, image_encoder: KerasCV component models,
             instead of (or overriding) those of `model`.
         img_width, img_height: default image size; default `model`'s, else 512.
-        jit_compile: passed to `StableDiffusion`.
 
     Returns:
-        A `StableDiffusion` with the KerasCV weights (SD 1.x or 2.x-base configuration).
+        The arguments, with the SD 1.x or 2.x-base configuration that fits the weights.
 
     Example:
     >>> import keras_cv  # doctest: +SKIP
-    >>> sd = from_keras_cv(keras_cv.models.StableDiffusion())  # doctest: +SKIP
-    >>> images = sd.text_to_image("a photograph of an astronaut")  # doctest: +SKIP
+    >>> sd = StableDiffusion.from_keras_cv(keras_cv.models.StableDiffusion())  # doctest: +SKIP
     """
     given = dict(
         text_encoder=text_encoder,
@@ -426,7 +425,12 @@ def from_keras_cv(
     }
     img_width = img_width or getattr(model, "img_width", None)
     img_height = img_height or getattr(model, "img_height", None)
-    return _assemble(weights, "KerasCV model", img_width, img_height, jit_compile)
+    return _assemble(weights, "KerasCV model", img_width, img_height)
 
 
-__all__ = ["from_keras_cv", "load_keras_cv_checkpoint", "load_keras_cv_weights", "read_keras_cv_h5"]
+__all__ = [
+    "keras_cv_checkpoint_kwargs",
+    "keras_cv_kwargs",
+    "load_keras_cv_weights",
+    "read_keras_cv_h5",
+]

@@ -2,8 +2,7 @@
 
 Loading a CompVis file or a diffusers folder reads every tensor and transposes most of
 them (PyTorch stores convolutions as [out, in, kh, kw] and linear layers as [out, in];
-Keras as [kh, kw, in, out] and [in, out]) into new memory: several seconds for a
-full-size model, most of it first touches of 4 GB of fresh pages. A file written with
+Keras as [kh, kw, in, out] and [in, out]) into new memory. A file written with
 `save_checkpoint(sd, path, layout="keras")` stores the variables as they are, so nothing
 needs converting. On CPUs the variables are then made straight from a copy-on-write
 memory map of the file (TensorFlow adopts it through DLPack; JAX shares aligned host
@@ -78,13 +77,11 @@ def save_keras_layout(sd, path, dtype: str | None = None) -> None:
     Example:
     >>> save_keras_layout(sd, "sd15-keras.safetensors")  # doctest: +SKIP
     """
-    from keras_sd.weights.checkpoint import COMPONENTS
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"a keras-layout checkpoint is written as .safetensors; received {path}.")
     tensors = {}
-    for component in COMPONENTS:
+    for component in streaming.MODELS:
         for name, variable in named_variables(getattr(sd, component)).items():
             tensors[component + _SEPARATOR + name] = streaming.LazyTensor(
                 lambda v=variable: np.asarray(keras.ops.convert_to_numpy(v.value)),
@@ -119,27 +116,25 @@ def _value_function(tensor, variable, mapped):
     return lambda: keras.ops.convert_to_tensor(np.asarray(source), dtype=variable.dtype)
 
 
-def load_keras_layout(
-    path, *, prediction_type: str | None = None, img_width=None, img_height=None, **sd_kwargs
-):
-    """Rebuild the `StableDiffusion` written by `save_keras_layout` (weights mapped on
-    CPUs when the file's dtype is the policy's variable dtype, else copied).
+def keras_layout_kwargs(
+    path, *, prediction_type: str | None = None, img_width=None, img_height=None
+) -> dict:
+    """The `StableDiffusion(...)` arguments stored by `save_keras_layout`: config,
+    image size and components (weights mapped on CPUs when the file's dtype is the
+    policy's variable dtype, else copied).
 
     Args:
         path: a keras-layout `.safetensors` file.
         prediction_type: overrides the stored scheduler's "epsilon"/"v_prediction".
         img_width, img_height: default image size; default the stored one.
-        **sd_kwargs: other `StableDiffusion` arguments (`jit_compile`).
 
     Raises:
         CheckpointError: the file's tensors do not fit the models its config describes.
         ValueError: not a keras-layout file, or a truncated or unreadable one.
 
     Example:
-    >>> sd = load_keras_layout("sd15-keras.safetensors")  # doctest: +SKIP
+    >>> sd = StableDiffusion(**keras_layout_kwargs("sd15-keras.safetensors"))  # doctest: +SKIP
     """
-    from keras_sd.pipeline import StableDiffusion
-
     path = os.fspath(path)
     tensors, metadata = streaming.read_safetensors(path)
     if metadata.get("format") != FORMAT:
@@ -161,9 +156,12 @@ def load_keras_layout(
         streaming.forget_deferred(models.values())
         raise
     streaming.initialize_deferred(models.values(), pairs)
-    return StableDiffusion(
-        img_width or width, img_height or height, config=config, **sd_kwargs, **models
-    )
+    return {
+        "config": config,
+        "img_width": img_width or width,
+        "img_height": img_height or height,
+        **models,
+    }
 
 
 def _match(models: dict, tensors: dict, mapped: dict, source: str) -> list:
@@ -192,4 +190,4 @@ def _match(models: dict, tensors: dict, mapped: dict, source: str) -> list:
     ]
 
 
-__all__ = ["FORMAT", "is_keras_layout", "load_keras_layout", "save_keras_layout"]
+__all__ = ["FORMAT", "is_keras_layout", "keras_layout_kwargs", "save_keras_layout"]

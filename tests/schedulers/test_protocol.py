@@ -1,0 +1,143 @@
+"""The scheduler protocol: a multistep solver defined here runs in the compiled loop.
+
+`AdamsBashforthDDIM` keeps the previous model output in its state and applies the
+two-step Adams-Bashforth combination 1.5 * eps_i - 0.5 * eps_{i-1} (the first step
+uses eps_0 alone) before a deterministic DDIM update, the idea behind PLMS (Liu et
+al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", eq. 12 with
+two terms). The test compares the sampler's compiled loop with a plain numpy loop of
+the same update around the same UNet.
+
+Run as a script (`python test_protocol.py`) it does the comparison on the backend
+in KERAS_BACKEND and prints the error as JSON; the JAX test uses that.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_sd import DDIMScheduler, StableDiffusion
+from keras_sd.schedulers.base import take_step_constant
+
+NUM_STEPS = 4
+
+
+class AdamsBashforthDDIM(DDIMScheduler):
+    """DDIM with a two-step Adams-Bashforth combination of the model outputs.
+
+    Args:
+        current_weight: weight of the current output (1.5 for Adams-Bashforth 2);
+            the previous output gets 1 - current_weight.
+        **kwargs: DDIM's arguments.
+    """
+
+    def __init__(self, current_weight: float = 1.5, **kwargs):
+        super().__init__(**kwargs)
+        self.current_weight = float(current_weight)
+
+    def init_state(self, sample, schedule):
+        sample = ops.cast(sample, "float32")
+        return {
+            "sample": sample,
+            "previous": ops.zeros_like(sample),
+            "count": ops.zeros((), "int32"),
+        }
+
+    def step(self, state, model_output, index, schedule, noise=None):
+        eps = ops.cast(model_output, "float32")
+        mixed = self.current_weight * eps + (1.0 - self.current_weight) * state["previous"]
+        combined = ops.where(state["count"] > 0, mixed, eps)
+        a_t = take_step_constant(schedule, "alpha_prod_t", index)
+        a_prev = take_step_constant(schedule, "alpha_prod_t_prev", index)
+        x = state["sample"]
+        x0 = (x - ops.sqrt(1.0 - a_t) * combined) / ops.sqrt(a_t)
+        sample = ops.sqrt(a_prev) * x0 + ops.sqrt(1.0 - a_prev) * combined
+        return {"sample": sample, "previous": eps, "count": state["count"] + 1}
+
+
+def numpy_loop(sd, scheduler, latents, context, num_steps):
+    """The same update, one eager UNet call and numpy arithmetic per step."""
+    tables = scheduler.schedule(num_steps)
+    x, previous = latents.astype(np.float64), None
+    for i, t in enumerate(tables["timesteps"]):
+        timesteps = np.full((x.shape[0],), t, np.int32)
+        eps = ops.convert_to_numpy(sd.diffusion_model(x.astype(np.float32), timesteps, context))
+        eps = eps.astype(np.float64)
+        w = scheduler.current_weight
+        combined = eps if previous is None else w * eps + (1.0 - w) * previous
+        a_t, a_prev = (float(tables[k][i]) for k in ("alpha_prod_t", "alpha_prod_t_prev"))
+        x0 = (x - np.sqrt(1.0 - a_t) * combined) / np.sqrt(a_t)
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev) * combined
+        previous = eps
+    return x
+
+
+def compare(jit_compile=True) -> dict:
+    sd = StableDiffusion(32, 32, jit_compile=jit_compile, config="tiny")
+    latents = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    context = sd.encode_text(["a red circle", "a blue square"])
+    scheduler = AdamsBashforthDDIM()
+    sampler = sd.sampler
+    ours = sampler(scheduler, latents, context, guidance_scale=1.0, num_steps=NUM_STEPS)
+    expected = numpy_loop(sd, scheduler, latents, context, NUM_STEPS)
+    plain = ops.convert_to_numpy(
+        sampler(DDIMScheduler(), latents, context, guidance_scale=1.0, num_steps=NUM_STEPS)
+    )
+    return {
+        "error": float(np.abs(ops.convert_to_numpy(ours) - expected).max()),
+        "scale": float(np.abs(expected).max()),
+        "differs_from_ddim": float(np.abs(plain - expected).max()),
+    }
+
+
+def check(result: dict) -> None:
+    assert result["error"] <= 1e-5 * max(1.0, result["scale"]), result
+    assert result["differs_from_ddim"] > 1e-3, result  # the state really changed the update
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_multistep_state_runs_in_the_compiled_loop(jit_compile):
+    check(compare(jit_compile))
+
+
+def test_multistep_state_runs_in_the_compiled_loop_on_jax():
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    check(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def test_own_parameter_is_part_of_the_program_key():
+    sd = StableDiffusion(32, 32, jit_compile=True, config="tiny")
+    latents = np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    context = sd.encode_text("a red circle")
+    run = lambda s: ops.convert_to_numpy(  # noqa: E731
+        sd.sampler(s, latents, context, guidance_scale=1.0, num_steps=NUM_STEPS)
+    )
+    first = run(AdamsBashforthDDIM(current_weight=1.5))
+    assert sd.sampler.trace_count == 1
+    np.testing.assert_array_equal(run(AdamsBashforthDDIM(current_weight=1.5)), first)
+    assert sd.sampler.trace_count == 1
+    changed = run(AdamsBashforthDDIM(current_weight=2.0))
+    assert sd.sampler.trace_count == 2
+    assert np.abs(changed - first).max() > 1e-4
+    assert AdamsBashforthDDIM(current_weight=2.0).get_config()["current_weight"] == 2.0
+
+
+def test_get_config_refuses_an_unstored_argument():
+    class Forgetful(DDIMScheduler):
+        def __init__(self, strength_of_thing: float = 1.0, **kwargs):
+            super().__init__(**kwargs)
+
+    with pytest.raises(TypeError, match="strength_of_thing"):
+        Forgetful().get_config()
+
+
+if __name__ == "__main__":
+    print(json.dumps(compare()))
