@@ -41,7 +41,7 @@ SD2_TINY = {
 
 def _random_sd(config, seed=0) -> StableDiffusion:
     """A tiny model with every weight random (no all-zero or all-one tensors)."""
-    sd = StableDiffusion(48, 32, jit_compile=False, config=config)
+    sd = StableDiffusion(img_width=48, img_height=32, jit_compile=False, config=config)
     rng = np.random.default_rng(seed)
     for component in COMPONENTS:
         for variable in getattr(sd, component).weights:
