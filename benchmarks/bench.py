@@ -146,7 +146,7 @@ def parse_args(argv=None):
         "--conv-direct",
         action="store_true",
         help="add keras-sd rows with every convolution direct (`/direct-conv`: no "
-        "Winograd, see keras_sd.models.layers.set_conv_algorithm)",
+        "Winograd, see keras_sd.models.conv.set_conv_algorithm)",
     )
     p.add_argument("--torch-compile", action="store_true", help="add diffusers torch.compile rows")
     p.add_argument(

@@ -286,7 +286,7 @@ def run_keras_sd(spec, emit, monitor):
     keras.mixed_precision.set_global_policy(spec["policy"])
     import keras_sd
     from keras_sd import StableDiffusion, backend  # noqa: F401  (import, not load time)
-    from keras_sd.models.layers import set_conv_algorithm
+    from keras_sd.models.conv import set_conv_algorithm
 
     set_conv_algorithm(spec.get("conv_algorithm", "auto"))
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ def test_text_to_image_matches_diffusers_on_backend(backend):
 
 JAX_FLOAT16_ATTENTION = """
 import jax, numpy as np
-from keras_sd.models.layers import dot_product_attention
+from keras_sd.models.attention import dot_product_attention
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((2, 7, 3, 8)).astype("float16") for _ in range(3))
 for causal in (False, True):

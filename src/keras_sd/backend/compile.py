@@ -128,7 +128,7 @@ def tracing_for_xla() -> bool:
     `compile_function` (TensorFlow with XLA, or JAX).
 
     Layers read this at trace time to pick formulations that only pay once XLA fuses
-    their elementwise work (see `keras_sd.models.layers.Conv3x3`).
+    their elementwise work (see `keras_sd.models.conv.Conv3x3`).
 
     Example:
     >>> tracing_for_xla()
