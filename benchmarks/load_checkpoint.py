@@ -63,22 +63,22 @@ def make(path: str) -> None:
     import numpy as np
 
     from keras_sd.presets import resolve_model_config
-    from keras_sd.weights import streaming
+    from keras_sd.weights import deferred, safetensors_io
     from keras_sd.weights.checkpoint import export_parts_lazy
     from keras_sd.weights.compvis import diffusers_to_compvis
 
-    models = streaming.build_models_deferred(resolve_model_config("sd1"))
+    models = deferred.build_models_deferred(resolve_model_config("sd1"))
     parts = export_parts_lazy(models)
     rng = np.random.default_rng(0)
 
     def random(tensor):
         shape, dtype = tensor.shape, tensor.dtype
         values = lambda: rng.standard_normal(shape, np.float32) * 0.02  # noqa: E731
-        return streaming.LazyTensor(values, shape, dtype)
+        return safetensors_io.LazyTensor(values, shape, dtype)
 
     parts = {c: {k: random(t) for k, t in s.items()} for c, s in parts.items()}
-    streaming.write_safetensors(path, diffusers_to_compvis(parts, "sd1"))
-    streaming.forget_deferred(models.values())
+    safetensors_io.write_safetensors(path, diffusers_to_compvis(parts, "sd1"))
+    deferred.forget_deferred(models.values())
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ def test_float16_attention_compiles_on_jax_cpu():
 BORROW_CHECK = """
 import numpy as np, keras
 from keras_sd.backend import borrow_numpy
-from keras_sd.weights.streaming import aligned_empty
+from keras_sd.backend import aligned_empty
 raw = aligned_empty((4 * 65,), "uint8")
 misaligned = raw[4:4 + 4 * 64].view("float32").reshape(8, 8)
 misaligned[:] = np.arange(64, dtype="float32").reshape(8, 8)

@@ -36,7 +36,13 @@ from keras_sd.backend.kernels import (
     fused_group_norm_applies,
     softmax_computes_in_float32,
 )
-from keras_sd.backend.memory import HOST_ALIGNMENT, adopt_numpy, borrow_numpy, host_memory_pooled
+from keras_sd.backend.memory import (
+    HOST_ALIGNMENT,
+    adopt_numpy,
+    aligned_empty,
+    borrow_numpy,
+    host_memory_pooled,
+)
 
 __all__ = [
     "COMPILE_CACHE_VARIABLE",
@@ -44,6 +50,7 @@ __all__ = [
     "JIT_CHOICES",
     "XLA_CPU_MIN_PARAMS",
     "adopt_numpy",
+    "aligned_empty",
     "borrow_numpy",
     "compile_function",
     "cpu_native_dtypes",

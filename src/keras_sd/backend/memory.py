@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 
 from keras_sd.backend import devices
 
 # Bytes: where memory a backend adopts must start (`borrow_numpy`, `adopt_numpy`); Eigen's
 # EIGEN_MAX_ALIGN_BYTES on AVX-512 builds.
 HOST_ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype, alignment: int = HOST_ALIGNMENT) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data start on an `alignment`-byte boundary.
+
+    Eigen's vectorized kernels (TensorFlow's) assume 64-byte alignment for arrays handed
+    over without a copy; numpy itself guarantees only 16 bytes.
+
+    Example:
+    >>> aligned_empty((3, 5), "float32").ctypes.data % 64
+    0
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def borrow_numpy(array):
@@ -18,7 +38,7 @@ def borrow_numpy(array):
     be queued when the call returns, and the other backends copy anyway. TensorFlow's
     kernels assume buffers aligned to 64 bytes (an unaligned one aborts the process),
     so only C-contiguous arrays starting on such a boundary are shared;
-    `keras_sd.weights.streaming.aligned_empty` makes them.
+    `aligned_empty` makes them.
 
     The memory must stay valid and unchanged for as long as the result, or anything
     made from it without a copy, is in use: a TensorFlow variable created from the
@@ -27,7 +47,6 @@ def borrow_numpy(array):
     `array` may be reused.
 
     Example:
-    >>> from keras_sd.weights.streaming import aligned_empty
     >>> array = aligned_empty((2, 3), "float32")
     >>> array[:] = [[0, 1, 2], [3, 4, 5]]
     >>> t = borrow_numpy(array)
@@ -55,7 +74,6 @@ def adopt_numpy(array):
     so an array it shares must never be reused.
 
     Example:
-    >>> from keras_sd.weights.streaming import aligned_empty
     >>> array = aligned_empty((4,), "float32")
     >>> array[:] = 1.0
     >>> t = adopt_numpy(array)

@@ -31,13 +31,10 @@ import keras
 import numpy as np
 
 from keras_sd import backend
+from keras_sd.backend.memory import aligned_empty
+from keras_sd.weights.safetensors_io import LazyTensor
 from keras_sd.weights.state_dict import select_entries, torch_layout
-from keras_sd.weights.streaming import (
-    LazyTensor,
-    aligned_empty,
-    convert_torch_tensor,
-    transpose_into,
-)
+from keras_sd.weights.transpose import convert_torch_tensor, transpose_into
 
 AHEAD_BYTES = 256 * 1024 * 1024
 WORKERS = 4  # arena workers at most; on 2 cores two converted SD 1.5 ~2x as fast as one
@@ -97,17 +94,16 @@ class Prefetch:
 
     Args:
         states: `(state_dict, prefix, ignore)` triples in the order their variables
-            will be filled (as `streaming.match_torch_state` pairs them: the entries
+            will be filled (as `transpose.match_torch_state` pairs them: the entries
             `state_dict.select_entries` picks, sorted by key).
         dtype: the dtype the variables will most likely have.
         budget: bytes the worker may convert ahead of `take`. Default: unlimited where
             variables adopt the values' memory (the arena, see above), else
             `AHEAD_BYTES`; a given budget always means one worker and no arena.
 
-    Use as a context manager; `take` is the `convert` of `streaming.match_torch_state`.
+    Use as a context manager; `take` is the `convert` of `transpose.match_torch_state`.
 
     Example:
-    >>> from keras_sd.weights import streaming
     >>> dense = keras.layers.Dense(2)
     >>> dense.build((None, 3))
     >>> state = {"weight": np.arange(6.0, dtype="float32").reshape(2, 3)}

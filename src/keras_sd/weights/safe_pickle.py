@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_sd.weights.safetensors_io import _bfloat16_to_float32
+
 # torch storage class name -> numpy dtype of its elements. bfloat16 has no numpy
 # dtype, so it is read as raw uint16 and widened to float32 (exactly) afterwards.
 _STORAGE_DTYPES = {
@@ -221,11 +223,6 @@ def _buffer_to_array(buffer, storage: _Storage, byteorder: str) -> np.ndarray:
         raise ValueError(f"storage holds {len(buffer)} bytes, expected {nbytes}: file truncated")
     array = np.frombuffer(buffer, dtype=dtype, count=storage.numel)
     return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
-
-
-def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
-    # bfloat16 is the top half of a float32, so widening is exact.
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _materialize(obj):
