@@ -35,7 +35,9 @@ path, what = sys.argv[1], sys.argv[2]
 if what == "safetensors":
     from safetensors.numpy import load_file as load
 else:
+    from keras_sd import backend
     from keras_sd.weights.checkpoint import load_checkpoint as load
+    backend.use_pooled_host_memory()  # as the keras-sd command does
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 result = load(path)

@@ -85,7 +85,10 @@ def main() -> None:
 
     import keras
 
+    from keras_sd import backend
     from keras_sd.weights import checkpoint, prefetch, safetensors_io, transpose
+
+    backend.use_pooled_host_memory()  # as the keras-sd command does
 
     keras.ops.transpose = timed("backend transpose", keras.ops.transpose)
     keras.ops.convert_to_tensor = timed("to backend tensor", keras.ops.convert_to_tensor)

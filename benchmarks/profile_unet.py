@@ -265,6 +265,9 @@ def main():
             subprocess.run([sys.executable, __file__, *argv, "--policy", policy], check=True)
         return
     print(f"load average at start: {os.getloadavg()}")
+    from keras_sd import backend
+
+    backend.use_pooled_host_memory()  # as the keras-sd command does
     (policy,) = args.policy
     keras.mixed_precision.set_global_policy(policy)
     print(f"\n## policy {policy}, size {args.size}, UNet batch {args.batch}\n")

@@ -5,7 +5,8 @@
 - `devices`: whether there is an accelerator, which dtypes this CPU computes natively.
 - `kernels`: TensorFlow kernels that beat the portable formulation (fused group norm,
   softmax without a float32 copy).
-- `memory`: host memory a backend uses without a copy, TensorFlow's pooled allocator.
+- `memory`: host memory a backend uses without a copy, TensorFlow's pooling allocator
+  (opt-in: `use_pooled_host_memory`).
 - `cache`: compiled XLA programs kept on disk.
 
 The names below are the public API (`keras_sd.backend.compile_function`, ...). Tests
@@ -42,6 +43,7 @@ from keras_sd.backend.memory import (
     aligned_empty,
     borrow_numpy,
     host_memory_pooled,
+    use_pooled_host_memory,
 )
 
 __all__ = [
@@ -68,5 +70,6 @@ __all__ = [
     "step_callback",
     "supports_step_callback",
     "tracing_for_xla",
+    "use_pooled_host_memory",
     "validate_jit_compile",
 ]

@@ -68,12 +68,6 @@ def default_compile_cache_dir() -> str:
     return os.path.join(root, "keras-sd", "xla", tag)
 
 
-def _tensorflow_started() -> bool:
-    from tensorflow.python.eager import context  # imported by Keras already
-
-    return getattr(context.context(), "_context_handle", None) is not None
-
-
 def enable_compile_cache(directory=None) -> str | None:
     """Keep compiled XLA programs on disk, so later processes load them instead of
     compiling again.
@@ -115,7 +109,7 @@ def enable_compile_cache(directory=None) -> str | None:
     for flag in flags.split():
         if flag.startswith(_TF_CACHE_FLAG + "="):
             return flag.split("=", 1)[1]  # the user's own choice
-    if _tensorflow_started():
+    if devices._tensorflow_started():
         warnings.warn(
             "enable_compile_cache: TensorFlow has already made a tensor and read its XLA "
             "flags, so compiled programs will not be cached in this process; call it "

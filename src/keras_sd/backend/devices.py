@@ -78,3 +78,11 @@ def has_accelerator() -> bool:
 
         return torch.cuda.is_available()
     return False
+
+
+def _tensorflow_started() -> bool:
+    """Whether TensorFlow has made its first tensor (and so read its environment
+    variables: XLA flags, the CPU allocator)."""
+    from tensorflow.python.eager import context  # imported by Keras already
+
+    return getattr(context.context(), "_context_handle", None) is not None

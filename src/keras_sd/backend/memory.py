@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import keras
 import numpy as np
@@ -89,14 +91,58 @@ def adopt_numpy(array):
     return tensor if tensor.unsafe_buffer_pointer() == array.ctypes.data else None
 
 
+POOL_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
+
+
+def use_pooled_host_memory() -> bool:
+    """Ask TensorFlow to keep freed host memory for its next buffers (its best-fit
+    pooling CPU allocator, `TF_CPU_ALLOCATOR_USE_BFC=true`).
+
+    TensorFlow's default CPU allocator hands each large buffer back to the operating
+    system when it is freed, so every UNet call maps its activations (the attention
+    scores above all) as new memory and pays a page fault per page; pooling avoids
+    that, which makes large images faster on CPUs (benchmarks/RESULTS.md). It is a
+    process-wide setting, so `import keras_sd` never makes it: the `keras-sd` command
+    does, and a script can call this (or set the variable itself).
+
+    TensorFlow reads the variable once, when it makes its first tensor, so call this
+    right after `import keras_sd`, before building a model; later it warns and changes
+    nothing. A value already set (`TF_CPU_ALLOCATOR_USE_BFC=false`) is kept. Other
+    backends ignore the variable: nothing to do there.
+
+    Returns:
+        Whether TensorFlow will pool (or, when it had started already, pools) host
+        memory; False on other backends.
+
+    Example:
+    >>> import keras_sd
+    >>> keras_sd.backend.use_pooled_host_memory()  # doctest: +SKIP
+    True
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False
+    if devices._tensorflow_started():
+        pooled = host_memory_pooled()
+        if not pooled:
+            warnings.warn(
+                "use_pooled_host_memory: TensorFlow has already made a tensor and chosen "
+                "its CPU allocator, so host memory is not pooled in this process; call it "
+                "right after `import keras_sd`, before building a model",
+                stacklevel=2,
+            )
+        return pooled
+    os.environ.setdefault(POOL_VARIABLE, "true")
+    return os.environ[POOL_VARIABLE].strip().lower() in ("true", "1")
+
+
 def host_memory_pooled() -> bool | None:
-    """Whether TensorFlow's CPU allocator pools freed memory (see `keras_sd._host_memory`);
+    """Whether TensorFlow's CPU allocator pools freed memory (`use_pooled_host_memory`);
     None on other backends.
 
-    False means TensorFlow made its first tensor before `keras_sd` was imported (or
+    False means pooling was not requested before TensorFlow made its first tensor (or
     `TF_CPU_ALLOCATOR_USE_BFC` was set to false): large CPU buffers are then mapped
-    afresh on every call, which was ~2x slower for 512 px attention on the CPUs
-    measured. Only the pooling allocator keeps statistics, which is how this tells.
+    afresh on every call. Only the pooling allocator keeps statistics, which is how
+    this tells; asking starts TensorFlow, so ask after `use_pooled_host_memory`.
 
     Example:
     >>> host_memory_pooled() in (True, False, None)
