@@ -5,6 +5,7 @@ a script in a subprocess with KERAS_BACKEND set, and applies the same tolerances
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -159,3 +160,44 @@ def test_pooled_host_memory_is_opt_in(setting, order, variable, answer, pooled):
         assert asked == reported and warned == ("0" if reported == "True" else "1")
     else:
         assert asked == answer and warned == "0"
+
+
+def test_new_shapes_and_programs_log_no_retracing_warning():
+    """A new input shape is a new program by design (layers choose kernels from static
+    shapes), so TensorFlow's "frequent retracing" warning must not reach users: neither
+    for one compiled function called with many shapes (the decoder, per image size) nor
+    for many programs compiled from one Python function (the sampler, per configuration),
+    whose retracing statistics TensorFlow pools by the function's code."""
+    import keras
+
+    from keras_sd import backend
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow's tf.function warning")
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    def double(x):
+        return x * 2.0
+
+    def scaling(factor):
+        def scaled(x):
+            return x * factor
+
+        return scaled
+
+    logger, handler = logging.getLogger("tensorflow"), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for jit in (False, True):
+            program = backend.compile_function(double, jit)
+            for n in range(1, 8):
+                program(keras.ops.ones((n, 3)))
+            for factor in range(7):
+                backend.compile_function(scaling(float(factor)), jit)(keras.ops.ones((2,)))
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m], messages

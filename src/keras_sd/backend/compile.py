@@ -106,7 +106,14 @@ def compile_function(fn, jit_compile=True):
         import tensorflow as tf
 
         xla = resolve_jit_compile(jit_compile)
-        return tf.function(_traced_for_xla(fn) if xla else fn, jit_compile=xla)
+        function = tf.function(_traced_for_xla(fn) if xla else fn, jit_compile=xla)
+        # One program per input shape is the design (layers choose kernels from static
+        # shapes; `reduce_retracing` would trace them with unknown sizes), so TensorFlow's
+        # "frequent retracing" warning, pooled over every function with this code, would
+        # only alarm users. The flag silences it for this function alone; TensorFlow sets
+        # it itself on restored SavedModel functions.
+        function._omit_frequent_tracing_warning = True
+        return function
     if name == "jax":
         import jax
 
