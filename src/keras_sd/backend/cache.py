@@ -73,10 +73,10 @@ def enable_compile_cache(directory=None) -> str | None:
     compiling again.
 
     The first `text_to_image` of a process compiles the sampling loop, the text encoder
-    and the decoder (measured in benchmarks/RESULTS.md: tens of seconds on a CPU, 25 s
-    on a GPU). With this cache a new process with the same model, sizes and settings
-    skips XLA's compilation (tracing still runs). The `keras-sd` command enables it by
-    default; in a script, call this right after `import keras_sd`.
+    and the decoder, most of its time (benchmarks/RESULTS.md). With this cache a new
+    process with the same model, sizes and settings skips XLA's compilation (tracing
+    still runs). The `keras-sd` command enables it by default; in a script, call this
+    right after `import keras_sd`.
 
     TensorFlow reads its XLA flags when it makes its first tensor, so there this must
     run before anything creates one (it warns and returns None otherwise); a cache

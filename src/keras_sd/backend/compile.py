@@ -29,16 +29,8 @@ def validate_jit_compile(jit_compile) -> None:
         )
 
 
-# "auto" on a CPU (TensorFlow): XLA in float32 for models at least this large. Measured
-# on 2-core CPUs (benchmarks/RESULTS.md): a full SD 1.5 UNet step runs 20-27% faster
-# under XLA than as a plain graph and the VAE decoder ~20% faster, for 8-15 s more
-# compile time on the first call; the bundled ~20M-parameter model gains 0.6 s per image
-# but compiles 5 s longer, which a one-off `keras-sd generate` would pay. In low
-# precision the answer depends on the CPU: with native bfloat16 instructions (AVX-512
-# BF16) XLA was slower than the plain graph (issue 6); without them (an AVX2 CPU) the
-# graph was slower: the SD 1.5 UNet call 1.25x and the 256 px image 1.22x in bfloat16
-# (float16 was measured only with Keras' einsum attention, before `dot_product_attention`
-# replaced it on TensorFlow: the UNet call 1.3x slower as a graph).
+# "auto" on a TensorFlow CPU: XLA's compile time pays off only for models this large;
+# see benchmarks/RESULTS.md.
 XLA_CPU_MIN_PARAMS = 100_000_000
 
 
@@ -49,7 +41,7 @@ def resolve_jit_compile(jit_compile, compute_dtype=None, params=None) -> bool:
 
     "auto" is XLA on GPUs. On CPUs it is XLA for models of at least
     `XLA_CPU_MIN_PARAMS` parameters, except in a low precision the CPU computes
-    natively (`cpu_native_dtypes`), where TensorFlow's plain graph was measured faster;
+    natively (`cpu_native_dtypes`), where TensorFlow's plain graph is faster;
     smaller models get the plain graph (compiling would cost more than it saves).
     PyTorch stays eager (its compiler takes minutes on CPU) and JAX is always jitted.
 

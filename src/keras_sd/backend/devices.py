@@ -18,9 +18,8 @@ def cpu_native_dtypes(cpuinfo: str | None = None) -> frozenset:
     """The low-precision dtypes ("bfloat16", "float16") this CPU has arithmetic for.
 
     Without such instructions (most CPUs before AVX-512 BF16/FP16 or AMX) a backend
-    emulates them: on such a CPU TensorFlow's plain graph ran the SD 1.5 UNet 1.25x
-    slower than XLA in bfloat16, where XLA ran at about float32 speed
-    (benchmarks/RESULTS.md).
+    emulates them, which XLA does faster than TensorFlow's plain graph
+    (`resolve_jit_compile`).
 
     Args:
         cpuinfo: the text of `/proc/cpuinfo`; default: read it (Linux). Where it cannot

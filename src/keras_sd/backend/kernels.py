@@ -19,9 +19,9 @@ def softmax_computes_in_float32(dtype) -> bool:
     Then attention can hand the kernel its low-precision logits directly: its
     arithmetic (max, exponentials, sum) is already float32, and the float32 copy of
     the logits and the cast back are two passes over the largest tensor of SD's
-    attention that buy nothing. Measured, not assumed: oneDNN's CPU softmax computes
-    bfloat16 in float32 (bit-identical); TensorFlow's own Eigen kernel (oneDNN off)
-    and float16 on this CPU round in between and differ. float32 itself: True.
+    attention that buy nothing. Probed, not assumed, because kernels differ: oneDNN's
+    CPU softmax computes bfloat16 in float32 (bit-identical), while TensorFlow's own
+    Eigen kernel (oneDNN off) rounds in between. float32 itself: True.
     Other backends: False (their attention is `keras.ops.dot_product_attention`).
 
     Example:
@@ -75,9 +75,8 @@ def fused_group_norm(x, groups: int, weight, bias, epsilon: float, reference):
     batch-norm kernel (oneDNN's on x86 CPUs): one pass for per-channel statistics and
     one for the normalization and affine map, both with float32 arithmetic on
     float32/bfloat16/float16 data, instead of the seven full-size passes of the plain
-    formulation (cast, moments, scale, shift, cast back). A 512x512x128 VAE GroupNorm
-    took 0.04 s against 0.29 s in bfloat16 on a 2-core AVX-512 BF16 CPU (0.05 against
-    0.28 s in float32), with errors against float64 no larger.
+    formulation (cast, moments, scale, shift, cast back), with errors against float64
+    no larger.
 
     Group statistics come from the per-channel ones by the law of total variance (no
     E[x^2] - E[x]^2 cancellation). Samples of a batch are normalized one at a time,

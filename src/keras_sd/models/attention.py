@@ -20,13 +20,11 @@ def dot_product_attention(query, key, value, is_causal: bool = False):
     On JAX and PyTorch this is `keras.ops.dot_product_attention`, which uses their
     fused kernels (except float16 on JAX's CPU backend, which compiles no such
     kernel). TensorFlow has none: Keras composes it from `einsum`s there, whose
-    bfloat16 CPU kernel ran a 1024-token SD self-attention 8x slower (710 against
-    92 ms on a 2-core CPU, graph mode) and less accurately than the batched `matmul`s
-    used here instead (float32 and XLA: the same speed). Outside XLA, low-precision
-    logits go to the softmax kernel as they are when it computes in float32 anyway
-    (`keras_sd.backend.softmax_computes_in_float32`; oneDNN's bfloat16 kernel does),
-    which with the scale applied to q made a 4096-token bfloat16 self-attention
-    1.7x faster on an AVX-512 BF16 CPU (0.24 against 0.40 s, batch 2, 8 heads).
+    bfloat16 CPU kernel is slower and less accurate than the batched `matmul`s used
+    here instead. Outside XLA, low-precision logits go to the softmax kernel as they
+    are when it computes in float32 anyway (`keras_sd.backend.softmax_computes_in_float32`;
+    oneDNN's bfloat16 kernel does), and the scale goes on q: both save full passes over
+    the logits, the largest tensor of SD's attention.
 
     Example:
     >>> q = keras.ops.ones((1, 3, 2, 4))

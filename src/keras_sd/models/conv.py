@@ -15,23 +15,15 @@ from keras_sd import backend
 CONV_ALGORITHMS = ("auto", "direct", "winograd", "gemm")
 _conv_algorithm = {"value": "auto"}
 
-# Conv3x3 "auto": Winograd from this many 2x2 output tiles (batch x H/2 x W/2) up.
-# Measured on a 2-core AVX2 CPU, TensorFlow XLA, float32, one conv against
-# `tf.nn.conv2d` (benchmarks/RESULTS.md, 2026-11-28): 1.1-1.8x faster from 256 tiles up
-# (SD 1.5 UNet levels at 32x32 and 64x64 latents, every VAE decoder level at 512 px),
-# 0.4-0.7x at 64-128 tiles with 1280 channels (the 8x8/16x16 levels), where the
-# transformed kernel (16/9 of the weights) is re-read for too few tiles.
+# Conv3x3 "auto": Winograd from this many 2x2 output tiles (batch x H/2 x W/2) up; below
+# it the transformed kernel (16/9 of the weights) is re-read for too few tiles to pay off.
 WINOGRAD_MIN_TILES = 256
 
 # Conv3x3 "auto": one matrix product over the 3x3 patches (`gemm_conv3x3`) where
 # TensorFlow's own CPU convolution (oneDNN) is slowest: kernels of many megabytes applied
-# to few output positions. A call takes it when its rows (batch x H x W) and its kernel's
-# bytes in the compute dtype meet either (rows, bytes) pair below. Measured on a 2-core
-# AVX-512 BF16 CPU, graph mode, bfloat16 and float32, one convolution against
-# `tf.nn.conv2d` (benchmarks/RESULTS.md, 2026-11-28 night): 0.35-0.6x the time for the
-# SD 1.5 UNet's 1920- and 2560-channel inputs at 4x4 and 8x8 (rows 32 and 128, batch 2),
-# 0.78x for 1280 channels at 4x4, 0.87-0.98x at 16x16 (rows 512); slower (1.02-2.1x) for
-# smaller kernels or more rows, e.g. 1280 channels at 16x16 in bfloat16.
+# to few output positions. A call takes it when its rows (batch x H x W) are at most and
+# its kernel's bytes in the compute dtype at least either (rows, bytes) pair below, the
+# bounds of where it beats `tf.nn.conv2d`; see benchmarks/RESULTS.md.
 GEMM_RULES = ((512, 40e6), (64, 16e6))
 
 
@@ -39,7 +31,7 @@ def set_conv_algorithm(algorithm: str) -> str:
     """Choose how `Conv3x3` layers compute; returns the previous choice.
 
     Args:
-        algorithm: "auto" (default): each algorithm where it was measured faster.
+        algorithm: "auto" (default): each algorithm where it is the fastest.
             Winograd's F(2x2, 3x3) while `keras_sd.backend.compile_function` traces
             for XLA (TensorFlow XLA or JAX) on a CPU, in float32, for inputs of at
             least `WINOGRAD_MIN_TILES` output tiles; one matrix product over the
@@ -86,8 +78,7 @@ def winograd_conv3x3(x, kernel):
     convolution becomes 16 matrix products of [tiles, Cin] by [Cin, Cout], 16
     multiplications per tile and channel pair instead of the direct form's 36. The
     transforms are additions (and halvings of the kernel), fused by XLA. The result
-    equals the direct convolution up to float rounding (measured ~1e-6 of the output's
-    largest value in float32).
+    equals the direct convolution up to float rounding.
 
     Args:
         x: `[B, H, W, Cin]` with static, even H and W.
@@ -176,8 +167,8 @@ class Conv3x3(layers.Conv2D):
     Same variables, names and results as `Conv2D(filters, 3, padding="same")`;
     `set_conv_algorithm` says when `winograd_conv3x3` or `gemm_conv3x3` replaces the
     backend's convolution (by default: Winograd under XLA on a CPU in float32 for large
-    enough inputs, where it was 1.1-1.8x faster per convolution; GEMM on a TensorFlow
-    CPU outside XLA for large kernels on few positions, `GEMM_RULES`).
+    enough inputs, `WINOGRAD_MIN_TILES`; GEMM on a TensorFlow CPU outside XLA for large
+    kernels on few positions, `GEMM_RULES`).
 
     Example:
     >>> conv = Conv3x3(4)
@@ -220,7 +211,7 @@ class Conv3x3(layers.Conv2D):
             rows, kernel_bytes = n * h * w, 9 * cin * self.filters * _itemsize(x.dtype)
             if any(rows <= most and kernel_bytes >= least for most, least in GEMM_RULES):
                 chosen = "gemm"
-        # Both were measured on CPUs only. Asked last: most calls need not ask the device.
+        # Both are tuned for CPUs. Asked last: most calls need not ask the device.
         return "direct" if chosen == "direct" or backend.has_accelerator() else chosen
 
     def convolution_op(self, inputs, kernel):

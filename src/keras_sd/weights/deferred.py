@@ -36,12 +36,10 @@ def paused_gc():
     """Pause Python's cyclic garbage collector while a model loads; its previous state
     comes back on exit (an outer pause or a user's `gc.disable()` is kept).
 
-    Building a full-size SD creates about 75,000 long-lived objects (Keras layers,
-    variables and their trackers), enough allocations to start full collections, and each
-    walks the whole heap (about 450,000 objects once TensorFlow and Keras are loaded):
-    0.24 s per collection for SD 1.5 on TensorFlow, in the main thread, holding the GIL
-    that the conversion workers need between their copies. A load leaves almost no
-    cyclic garbage (20 objects for SD 1.5), which the next collection after it finds.
+    Building a full-size SD creates enough long-lived objects (Keras layers, variables
+    and their trackers) to start full collections, and each walks the whole heap in the
+    main thread, holding the GIL that the conversion workers need between their copies.
+    A load leaves almost no cyclic garbage, which the next collection after it finds.
     Usable as a decorator.
 
     Example:
@@ -91,8 +89,7 @@ def initialize_deferred(models, pairs, workers: int = 1) -> None:
     `workers` threads a few tensors ahead of the variables they fill, so they overlap
     the Python work of creating variables while at most a handful of converted tensors
     wait in memory. One worker is the default: the backends' transposes are already
-    multi-threaded, and a second worker made a full SD 1.5 load slower on 2 cores
-    (4.1 s against 3.3 s).
+    multi-threaded, so more workers only compete with them for the cores.
     """
     models = list(models)
     given = {id(variable) for variable, _ in pairs}

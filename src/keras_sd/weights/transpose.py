@@ -47,8 +47,8 @@ def to_keras_tensor(tensor, variable):
 def convert_torch_tensor(tensor, shape: tuple, permutation: tuple | None, dtype):
     """A backend tensor of `dtype`: `tensor` viewed as `shape`, then transposed.
 
-    The transposes run in the backend, whose blocked, multi-threaded kernels are several
-    times faster than numpy's strided copy (most SD weights are transposed: every
+    The transposes run in the backend, whose blocked, multi-threaded kernels are
+    faster than numpy's strided copy (most SD weights are transposed: every
     convolution and linear layer). On TensorFlow/CPU a tensor that is transposed is read
     into a reused buffer that the transpose reads in place, so its only new memory is
     the result's own.
@@ -80,12 +80,9 @@ def transpose_into(source: np.ndarray, out: np.ndarray, permutation: tuple | Non
 
     numpy copies a transposed view element by element along the output, fetching a new
     cache line of the source for each; a block of source rows at a time keeps those
-    lines in cache (SD's large weights: 2.2-2.5 GB/s against numpy's 0.8-1.5 for a
-    whole-tensor copy, about TensorFlow's transpose kernel's speed). The copies release
-    the GIL, so threads run side by side; blocks of 64 rows rather than the fastest
-    single-thread 16 because every block takes the GIL back, and while the model is
-    being built that wait cost more than the copies saved (a full SD 1.5 load: 4.1-4.8 s
-    with 64 or 128 rows against 4.5-6.6 s with 16 or 32). PyTorch's [O, I] and
+    lines in cache. The copies release the GIL, so threads run side by side; blocks of
+    64 rows rather than fewer because every block takes the GIL back, which the model
+    build running beside them contends for. PyTorch's [O, I] and
     [O, I, kh, kw] layouts, the common cases, go block by block over O; any other
     permutation is one numpy copy.
 
