@@ -146,15 +146,15 @@ def parse_args(argv=None):
         "--conv-direct",
         action="store_true",
         help="add keras-sd rows with every convolution direct (`/direct-conv`: no "
-        "Winograd, see keras_sd.models.layers.set_conv_algorithm)",
+        "Winograd, see keras_sd.models.conv.set_conv_algorithm)",
     )
     p.add_argument("--torch-compile", action="store_true", help="add diffusers torch.compile rows")
     p.add_argument(
         "--tf-allocators",
         action="store_true",
         help="add TensorFlow rows with the other CPU allocator: keras-sd with TensorFlow's "
-        "default one (`/tf-default-alloc`), KerasCV with the pooling one keras-sd "
-        "requests (`/pooled`)",
+        "default one (`/tf-default-alloc`), KerasCV with the pooling one keras-sd's "
+        "workers request (`/pooled`)",
     )
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke run)")
     p.add_argument(
@@ -274,8 +274,7 @@ def variants(args) -> list[dict]:
                     "jit": jit,
                     "name": f"keras-cv/{policy}" + "/xla" * jit,
                 }
-                # Explicit: its worker imports keras_sd (for the vocabulary), which would
-                # otherwise request the pooling allocator for KerasCV too.
+                # Explicit: TensorFlow's default allocator, whatever the caller's env says.
                 out.append(with_allocator(row, "false", ""))
                 if args.tf_allocators:
                     out.append(with_allocator(row, "true", "/pooled"))
@@ -286,7 +285,8 @@ def variants(args) -> list[dict]:
 
 
 def with_allocator(variant: dict, pooled: str, suffix: str) -> dict:
-    """`variant` run with `TF_CPU_ALLOCATOR_USE_BFC=pooled` (see keras_sd/_host_memory.py)."""
+    """`variant` run with `TF_CPU_ALLOCATOR_USE_BFC=pooled` (see
+    `keras_sd.backend.use_pooled_host_memory`)."""
     env = {**variant.get("env", {}), "TF_CPU_ALLOCATOR_USE_BFC": pooled}
     return {**variant, "env": env, "name": variant["name"] + suffix}
 

@@ -35,7 +35,9 @@ path, what = sys.argv[1], sys.argv[2]
 if what == "safetensors":
     from safetensors.numpy import load_file as load
 else:
-    from keras_sd import StableDiffusion
+    from keras_sd import StableDiffusion, backend
+
+    backend.use_pooled_host_memory()  # as the keras-sd command does
     load = StableDiffusion.from_checkpoint
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
@@ -64,22 +66,22 @@ def make(path: str) -> None:
     import numpy as np
 
     from keras_sd.presets import resolve_model_config
-    from keras_sd.weights import streaming
+    from keras_sd.weights import deferred, safetensors_io
     from keras_sd.weights.checkpoint import export_parts_lazy
     from keras_sd.weights.compvis import diffusers_to_compvis
 
-    models = streaming.build_models_deferred(resolve_model_config("sd1"))
+    models = deferred.build_models_deferred(resolve_model_config("sd1"))
     parts = export_parts_lazy(models)
     rng = np.random.default_rng(0)
 
     def random(tensor):
         shape, dtype = tensor.shape, tensor.dtype
         values = lambda: rng.standard_normal(shape, np.float32) * 0.02  # noqa: E731
-        return streaming.LazyTensor(values, shape, dtype)
+        return safetensors_io.LazyTensor(values, shape, dtype)
 
     parts = {c: {k: random(t) for k, t in s.items()} for c, s in parts.items()}
-    streaming.write_safetensors(path, diffusers_to_compvis(parts, "sd1"))
-    streaming.forget_deferred(models.values())
+    safetensors_io.write_safetensors(path, diffusers_to_compvis(parts, "sd1"))
+    deferred.forget_deferred(models.values())
 
 
 def main() -> None:

@@ -85,13 +85,16 @@ def main() -> None:
 
     import keras
 
-    from keras_sd.weights import checkpoint, prefetch, streaming
+    from keras_sd import backend
+    from keras_sd.weights import checkpoint, prefetch, safetensors_io, transpose
+
+    backend.use_pooled_host_memory()  # as the keras-sd command does
 
     keras.ops.transpose = timed("backend transpose", keras.ops.transpose)
     keras.ops.convert_to_tensor = timed("to backend tensor", keras.ops.convert_to_tensor)
-    streaming.LazyTensor.read = timed("file read", streaming.LazyTensor.read)
+    safetensors_io.LazyTensor.read = timed("file read", safetensors_io.LazyTensor.read)
     prefetch.transpose_into = timed("numpy transpose", prefetch.transpose_into)
-    streaming.transpose_into = timed("numpy transpose", streaming.transpose_into)
+    transpose.transpose_into = timed("numpy transpose", transpose.transpose_into)
     if args.copy:
         prefetch._adopts_host_memory = lambda dtype: False
     counter = None

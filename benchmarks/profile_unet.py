@@ -66,6 +66,7 @@ def pieces(size: int, batch: int):
     from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
 
     from keras_sd.models import layers as ks
+    from keras_sd.models import transformer as kt
 
     latent, temb, ctx = size // 8, rand(batch, 1280), rand(batch, 77, 768)
     out = []
@@ -82,16 +83,16 @@ def pieces(size: int, batch: int):
         out.append((f"ResnetBlock {tag}", lambda x, t, m=res: m(x, t),
                     lambda x, t, m=ref_res: m([x, t]), (x, temb)))  # fmt: skip
         seq = ops.reshape(x, (batch, side * side, ch))
-        attn = ks.Attention(heads, ch // heads)
+        attn = kt.Attention(heads, ch // heads)
         attn.build(seq.shape)
         ref_attn = kcv.CrossAttention(heads, ch // heads)
         out.append((f"self-attention {tag}", attn, ref_attn, (seq,)))
-        block = ks.BasicTransformerBlock(heads, ch // heads)
+        block = kt.BasicTransformerBlock(heads, ch // heads)
         block.build(seq.shape, ctx.shape)
         ref_block = kcv.BasicTransformerBlock(ch, heads, ch // heads)
         out.append((f"BasicTransformerBlock {tag}", lambda s, c, m=block: m(s, c),
                     lambda s, c, m=ref_block: m([s, c]), (seq, ctx)))  # fmt: skip
-        tr = ks.Transformer2D(heads, ch // heads)
+        tr = kt.Transformer2D(heads, ch // heads)
         tr.build(x.shape, ctx.shape)
         ref_tr = kcv.SpatialTransformer(heads, ch // heads)
         out.append((f"Transformer2D {tag}", lambda x, c, m=tr: m(x, c),
@@ -167,7 +168,7 @@ def ablations(policy: str):
     """{change: (class or module to patch or None, attribute, replacement, UNet dtype
     policy or None)}."""
     from keras_sd import backend
-    from keras_sd.models import layers as ks
+    from keras_sd.models import conv, transformer
 
     out = {
         "GroupNorm: the plain formulation instead of the fused batch-norm kernel": (
@@ -175,9 +176,9 @@ def ablations(policy: str):
         "Attention: softmax of a float32 copy of the logits": (
             backend, "softmax_computes_in_float32", _only_float32, None),
         "Conv3x3: the backend's convolution instead of GEMM for large kernels": (
-            ks, "GEMM_RULES", (), None),
+            conv, "GEMM_RULES", (), None),
         "GEGLU: tanh gelu instead of erf": (
-            ks.BasicTransformerBlock, "call", _tanh_gelu_call, None),
+            transformer.BasicTransformerBlock, "call", _tanh_gelu_call, None),
     }  # fmt: skip
     if policy.startswith("mixed_"):
         pure = policy.removeprefix("mixed_")
@@ -264,6 +265,9 @@ def main():
             subprocess.run([sys.executable, __file__, *argv, "--policy", policy], check=True)
         return
     print(f"load average at start: {os.getloadavg()}")
+    from keras_sd import backend
+
+    backend.use_pooled_host_memory()  # as the keras-sd command does
     (policy,) = args.policy
     keras.mixed_precision.set_global_policy(policy)
     print(f"\n## policy {policy}, size {args.size}, UNet batch {args.batch}\n")

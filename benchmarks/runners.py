@@ -286,7 +286,10 @@ def run_keras_sd(spec, emit, monitor):
     keras.mixed_precision.set_global_policy(spec["policy"])
     import keras_sd
     from keras_sd import StableDiffusion, backend  # noqa: F401  (import, not load time)
-    from keras_sd.models.layers import set_conv_algorithm
+    from keras_sd.models.conv import set_conv_algorithm
+
+    # As the keras-sd command does; a spec's env may choose otherwise (/tf-default-alloc).
+    backend.use_pooled_host_memory()
 
     set_conv_algorithm(spec.get("conv_algorithm", "auto"))
     t0 = time.perf_counter()
@@ -688,8 +691,9 @@ def startup_keras_sd(spec, emit, monitor):
     """Import keras-sd and load a full model from the diffusers folder, or from the same
     weights in a CompVis single file or a keras-layout file (one call)."""
     import keras_sd
-    from keras_sd import StableDiffusion  # noqa: F401  (imports Keras, timed as import)
+    from keras_sd import StableDiffusion, backend  # noqa: F401  (imports Keras, timed as import)
 
+    backend.use_pooled_host_memory()  # as the keras-sd command does
     t_import = time.perf_counter()
     keras_sd.StableDiffusion.from_checkpoint(spec["weights"])
     how = f"StableDiffusion.from_checkpoint({spec['source']})"

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Pooled host memory (keras_sd.backend.use_pooled_host_memory), as the keras-sd command
+# uses: set before TensorFlow's first tensor, it makes large CPU activations faster.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -123,28 +126,28 @@ def _seed_everything():
 
 
 def _record_calls(monkeypatch, name: str) -> list:
-    """Records the input shape of each call of the convolution `layers.<name>` by a
+    """Records the input shape of each call of the convolution `conv.<name>` by a
     layer (at trace time when compiled)."""
-    from keras_sd.models import layers
+    from keras_sd.models import conv
 
     calls = []
-    compute = getattr(layers, name)
+    compute = getattr(conv, name)
 
     def counted(x, kernel):
         calls.append(tuple(x.shape))
         return compute(x, kernel)
 
-    monkeypatch.setattr(layers, name, counted)
+    monkeypatch.setattr(conv, name, counted)
     return calls
 
 
 @pytest.fixture
 def winograd_calls(monkeypatch):
-    """Input shapes of the Winograd convolutions layers ran (`layers.winograd_conv3x3`)."""
+    """Input shapes of the Winograd convolutions layers ran (`conv.winograd_conv3x3`)."""
     return _record_calls(monkeypatch, "winograd_conv3x3")
 
 
 @pytest.fixture
 def gemm_calls(monkeypatch):
-    """Input shapes of the GEMM convolutions layers ran (`layers.gemm_conv3x3`)."""
+    """Input shapes of the GEMM convolutions layers ran (`conv.gemm_conv3x3`)."""
     return _record_calls(monkeypatch, "gemm_conv3x3")

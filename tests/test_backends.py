@@ -5,6 +5,7 @@ a script in a subprocess with KERAS_BACKEND set, and applies the same tolerances
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def test_text_to_image_matches_diffusers_on_backend(backend):
 
 JAX_FLOAT16_ATTENTION = """
 import jax, numpy as np
-from keras_sd.models.layers import dot_product_attention
+from keras_sd.models.attention import dot_product_attention
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((2, 7, 3, 8)).astype("float16") for _ in range(3))
 for causal in (False, True):
@@ -58,7 +59,7 @@ def test_float16_attention_compiles_on_jax_cpu():
 BORROW_CHECK = """
 import numpy as np, keras
 from keras_sd.backend import borrow_numpy
-from keras_sd.weights.streaming import aligned_empty
+from keras_sd.backend import aligned_empty
 raw = aligned_empty((4 * 65,), "uint8")
 misaligned = raw[4:4 + 4 * 64].view("float32").reshape(8, 8)
 misaligned[:] = np.arange(64, dtype="float32").reshape(8, 8)
@@ -105,13 +106,18 @@ def test_borrow_numpy_shares_only_aligned_arrays():
 
 
 POOL_CHECK = """
-import os, resource, sys
+import os, resource, sys, warnings
 if sys.argv[1] == "tensor-first":
     import tensorflow as tf
     tf.ones(3)
 import keras_sd
 import tensorflow as tf
-from keras_sd.backend import host_memory_pooled
+from keras_sd import backend
+
+imported = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    asked = None if sys.argv[1] == "import-only" else backend.use_pooled_host_memory()
 
 def page_faults_of_a_new_buffer():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -120,31 +126,78 @@ def page_faults_of_a_new_buffer():
 
 page_faults_of_a_new_buffer()  # whatever it holds on to, it has it now
 # 65,536 pages: a pool hands back the freed buffer, otherwise it is mapped afresh.
-print(os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"), host_memory_pooled(),
-      page_faults_of_a_new_buffer() < 16384)
+print(imported, os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"), asked, len(caught),
+      backend.host_memory_pooled(), page_faults_of_a_new_buffer() < 16384)
 """
 
 
 @pytest.mark.parametrize(
-    "setting, order, pooled",
+    "setting, order, variable, answer, pooled",
     [
-        (None, "import-first", True),  # keras_sd asks for the pooling allocator
-        ("false", "import-first", None),  # the user's choice is kept
-        (None, "tensor-first", None),  # too late: TensorFlow has chosen already
+        (None, "import-only", None, "None", None),  # importing keras_sd changes no setting
+        (None, "ask-first", "true", "True", True),  # use_pooled_host_memory requests the pool
+        ("false", "ask-first", "false", "False", None),  # the user's choice is kept
+        (None, "tensor-first", None, None, None),  # too late: TensorFlow has chosen already
     ],
 )
-def test_keras_sd_import_pools_tensorflow_host_memory(setting, order, pooled):
-    """Importing keras_sd before TensorFlow's first tensor selects the pooling CPU
-    allocator (see keras_sd/_host_memory.py) unless the user chose, and
-    `host_memory_pooled` tells whether freed memory is reused, as page faults show.
+def test_pooled_host_memory_is_opt_in(setting, order, variable, answer, pooled):
+    """`import keras_sd` leaves TensorFlow's allocator alone; `use_pooled_host_memory`
+    before TensorFlow's first tensor selects the pooling CPU allocator unless the user
+    chose, and warns when it is too late; `host_memory_pooled` tells whether freed
+    memory is reused, as page faults show.
 
     Without the request TensorFlow's default allocator maps each large buffer afresh,
     except in builds whose oneDNN allocator pools by itself (seen on CPUs with
     AVX-512), so those cases check agreement with the page faults, not a fixed answer.
     """
     out = run_tensorflow_child(POOL_CHECK, order, allocator=setting)
-    variable, reported, reused = out.strip().splitlines()[-1].split()
-    assert variable == {None: "true", "false": "false"}[setting]
+    imported, after, asked, warned, reported, reused = out.strip().splitlines()[-1].split()
+    assert imported == str(setting) and after == str(variable)
     assert reported == reused
     if pooled is not None:
         assert reported == str(pooled)
+    if order == "tensor-first":  # it says what TensorFlow does, and warns if it does not pool
+        assert asked == reported and warned == ("0" if reported == "True" else "1")
+    else:
+        assert asked == answer and warned == "0"
+
+
+def test_new_shapes_and_programs_log_no_retracing_warning():
+    """A new input shape is a new program by design (layers choose kernels from static
+    shapes), so TensorFlow's "frequent retracing" warning must not reach users: neither
+    for one compiled function called with many shapes (the decoder, per image size) nor
+    for many programs compiled from one Python function (the sampler, per configuration),
+    whose retracing statistics TensorFlow pools by the function's code."""
+    import keras
+
+    from keras_sd import backend
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow's tf.function warning")
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    def double(x):
+        return x * 2.0
+
+    def scaling(factor):
+        def scaled(x):
+            return x * factor
+
+        return scaled
+
+    logger, handler = logging.getLogger("tensorflow"), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for jit in (False, True):
+            program = backend.compile_function(double, jit)
+            for n in range(1, 8):
+                program(keras.ops.ones((n, 3)))
+            for factor in range(7):
+                backend.compile_function(scaling(float(factor)), jit)(keras.ops.ones((2,)))
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m], messages

@@ -197,7 +197,7 @@ def test_convolution_algorithms_match_diffusers(
     """Every 3x3 convolution of the UNet and VAE by Winograd (under XLA) or by one
     GEMM over the patches (outside XLA where the backend has a graph mode), chosen
     explicitly: the tiny model is below the "auto" thresholds."""
-    from keras_sd.models.layers import set_conv_algorithm
+    from keras_sd.models.conv import set_conv_algorithm
 
     previous = set_conv_algorithm(algorithm)
     try:

@@ -115,7 +115,10 @@ def test_auto_compile_mode_follows_device_precision_and_size(monkeypatch):
         pytest.skip("the CPU rule is TensorFlow's; JAX always jits, GPUs always use XLA")
     large = backend.XLA_CPU_MIN_PARAMS
     for native in (frozenset(), frozenset({"bfloat16"}), frozenset({"bfloat16", "float16"})):
-        monkeypatch.setattr(backend, "_this_cpu_native_dtypes", lambda native=native: native)
+        # resolve_jit_compile asks cpu_native_dtypes in its own module: patch it there.
+        monkeypatch.setattr(
+            backend.devices, "_this_cpu_native_dtypes", lambda native=native: native
+        )
         assert backend.resolve_jit_compile("auto", "float32", large) is True
         for dtype in ("bfloat16", "float16"):
             assert backend.resolve_jit_compile("auto", dtype, large) is (dtype not in native)

@@ -9,9 +9,6 @@ Example:
 
 import importlib
 
-# First: TensorFlow reads its allocator choice when it makes its first tensor.
-from keras_sd import _host_memory  # noqa: F401
-
 __version__ = "0.1.0"
 
 # Public names and the modules defining them, imported on first use: `import keras_sd`

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from keras_sd import backend
-from keras_sd.models import layers
-from keras_sd.models.layers import Conv3x3, gemm_conv3x3, set_conv_algorithm, winograd_conv3x3
+from keras_sd.models import conv
+from keras_sd.models.conv import Conv3x3, gemm_conv3x3, set_conv_algorithm, winograd_conv3x3
 
 BACKEND = keras.backend.backend()
 
@@ -70,16 +70,16 @@ def test_conv_algorithm_is_validated(algorithm):
 
 def run_layer(x, jit=None, dtype="float32", filters=6):
     """A fresh Conv3x3 on `x`: eager (jit None) or through `compile_function(jit)`."""
-    conv = Conv3x3(filters, dtype=dtype)
-    conv.build(x.shape)
+    layer = Conv3x3(filters, dtype=dtype)
+    layer.build(x.shape)
     keras.utils.set_random_seed(3)
-    conv.bias.assign(keras.random.normal(conv.bias.shape))
-    x = keras.ops.cast(x, conv.compute_dtype)
+    layer.bias.assign(keras.random.normal(layer.bias.shape))
+    x = keras.ops.cast(x, layer.compute_dtype)
     if jit is None:
-        out = conv(x)
+        out = layer(x)
     else:
-        out = backend.compile_function(backend.stateless(conv), jit)(backend.model_state(conv), x)
-    weights = [keras.ops.convert_to_numpy(v).astype(np.float32) for v in (conv.kernel, conv.bias)]
+        out = backend.compile_function(backend.stateless(layer), jit)(backend.model_state(layer), x)
+    weights = [keras.ops.convert_to_numpy(v).astype(np.float32) for v in (layer.kernel, layer.bias)]
     return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")), weights
 
 
@@ -158,7 +158,7 @@ def test_gemm_chosen_applies_everywhere(algorithm, gemm_calls, winograd_calls):
 def test_auto_uses_gemm_by_its_rules(shape, rules, chosen, jit, algorithm, gemm_calls, monkeypatch):
     if BACKEND == "jax" and jit is False:
         pytest.skip("JAX has no compiled mode other than XLA")
-    monkeypatch.setattr(layers, "GEMM_RULES", rules)
+    monkeypatch.setattr(conv, "GEMM_RULES", rules)
     x = random(shape, 0)
     out, (kernel, bias) = run_layer(x, jit=jit)
     # Measured on TensorFlow's oneDNN kernels only; other backends keep theirs.
@@ -183,7 +183,7 @@ def test_auto_uses_gemm_for_sd_sized_kernels_on_few_positions(dtype, algorithm, 
 
 @pytest.mark.parametrize("case", ["xla", "accelerator"])
 def test_auto_uses_gemm_only_outside_xla_on_cpus(case, algorithm, gemm_calls, monkeypatch):
-    monkeypatch.setattr(layers, "GEMM_RULES", ((64, 1),))  # every small input qualifies
+    monkeypatch.setattr(conv, "GEMM_RULES", ((64, 1),))  # every small input qualifies
     jit = True if case == "xla" else None
     if case == "accelerator":
         monkeypatch.setattr(backend, "has_accelerator", lambda: True)

@@ -12,19 +12,17 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from conftest import max_abs_normalized_error
 from keras_sd import backend
+from keras_sd.models.attention import dot_product_attention
+from keras_sd.models.conv import Conv3x3
 from keras_sd.models.layers import (
-    Attention,
-    BasicTransformerBlock,
-    Conv3x3,
     Downsample2D,
     GroupNorm,
     ResnetBlock,
     TimestepEmbedding,
-    Transformer2D,
     Upsample2D,
-    dot_product_attention,
     timestep_embedding,
 )
+from keras_sd.models.transformer import Attention, BasicTransformerBlock, Transformer2D
 from keras_sd.weights.state_dict import load_state_dict, named_variables
 
 FLOAT32_TOLERANCE = 1e-4

@@ -23,7 +23,7 @@ from keras_sd import StableDiffusion
 from keras_sd.backend import has_accelerator
 from keras_sd.conversion import convert
 from keras_sd.models import clip_text, unet, vae
-from keras_sd.weights import native, streaming
+from keras_sd.weights import deferred, native, safetensors_io
 from keras_sd.weights.checkpoint import save_checkpoint
 from keras_sd.weights.state_dict import CheckpointError, named_variables
 
@@ -86,7 +86,7 @@ def _mapped_keys(sd, path) -> set:
 
 
 def _aligned_keys(path) -> set:
-    tensors, _ = streaming.read_safetensors(path)
+    tensors, _ = safetensors_io.read_safetensors(path)
     return {k for k, t in tensors.items() if t.file_offset % native.ALIGNMENT == 0}
 
 
@@ -127,9 +127,9 @@ def test_loads_run_with_the_garbage_collector_paused(tmp_path, tiny_file, monkey
     if layout == "compvis":
         path = tmp_path / "model.safetensors"
         save_checkpoint(tiny_file[0], path)
-    seen, build = [], streaming.build_models_deferred
+    seen, build = [], deferred.build_models_deferred
     monkeypatch.setattr(
-        streaming,
+        deferred,
         "build_models_deferred",
         lambda config: seen.append(gc.isenabled()) or build(config),
     )
@@ -225,18 +225,20 @@ def test_file_is_aligned_safetensors_with_config(tiny_file):
 
 def test_alignment_argument_is_validated(tmp_path):
     with pytest.raises(ValueError, match="alignment must be a power of two >= 8; received 48"):
-        streaming.write_safetensors(tmp_path / "x.safetensors", {"w": np.ones(3)}, alignment=48)
+        safetensors_io.write_safetensors(
+            tmp_path / "x.safetensors", {"w": np.ones(3)}, alignment=48
+        )
 
 
 def test_bad_keras_layout_files_give_clear_errors(tmp_path, tiny_file):
     from test_checkpoint import _assert_clean_error
 
     sd, path = tiny_file
-    tensors, metadata = streaming.read_safetensors(path)
+    tensors, metadata = safetensors_io.read_safetensors(path)
     config = json.loads(metadata["config"])
     config["unet"] = {**config["unet"], "transformer_layers_per_block": 2}
     other = tmp_path / "other.safetensors"
-    streaming.write_safetensors(
+    safetensors_io.write_safetensors(
         other, tensors, metadata={**metadata, "config": json.dumps(config)}, alignment=64
     )
     with pytest.raises(CheckpointError) as info:

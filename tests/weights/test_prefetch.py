@@ -1,6 +1,6 @@
 """Converting checkpoint tensors ahead of the models (`weights.prefetch`): the layout
 guesses against `state_dict.torch_layout` on full-size key sets, values against
-`streaming.to_keras_tensor` and numpy's transpose, the worker's budget, order and
+`transpose.to_keras_tensor` and numpy's transpose, the worker's budget, order and
 shutdown, and on TensorFlow and JAX CPUs that loaded variables live in the arena (their
 buffer addresses) and give it back when they go."""
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import tensorflow_buffer_address
 from keras_sd import StableDiffusion, presets
 from keras_sd.backend import has_accelerator
-from keras_sd.weights import checkpoint, prefetch, streaming
+from keras_sd.weights import checkpoint, deferred, prefetch, safetensors_io, transpose
 from keras_sd.weights.compvis import compvis_to_diffusers, diffusers_to_compvis
 from keras_sd.weights.state_dict import match_state_dict, torch_layout
 
@@ -23,7 +23,7 @@ from keras_sd.weights.state_dict import match_state_dict, torch_layout
 def test_layout_guesses_hold_for_every_full_size_weight(version):
     # Full-size models built deferred cost no memory; the keys and shapes are those of a
     # real single file (through the CompVis layout: 1x1 conv VAE attention, OpenCLIP).
-    models = streaming.build_models_deferred(presets.resolve_model_config(version))
+    models = deferred.build_models_deferred(presets.resolve_model_config(version))
     try:
         parts = checkpoint.export_parts_lazy(models)
         parts = compvis_to_diffusers(diffusers_to_compvis(parts, version))
@@ -39,7 +39,7 @@ def test_layout_guesses_hold_for_every_full_size_weight(version):
                 checked += 1
         assert checked == sum(len(m.weights) for m in models.values())
     finally:
-        streaming.forget_deferred(models.values())
+        deferred.forget_deferred(models.values())
 
 
 class _Counted:
@@ -78,7 +78,7 @@ def test_values_match_direct_conversion_even_when_the_guess_is_wrong():
     with prefetch.Prefetch([(state, "", ())], "float32") as ahead:
         got = {key: ahead.take(state[key], variable) for key, variable in targets.items()}
     for key, variable in targets.items():
-        expected = streaming.to_keras_tensor(state[key], variable)
+        expected = transpose.to_keras_tensor(state[key], variable)
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(got[key]), keras.ops.convert_to_numpy(expected)
         )
@@ -147,7 +147,7 @@ def test_transpose_into_matches_numpy_and_casts_to_the_output_dtype(shape, permu
     source = np.random.default_rng(0).standard_normal(shape).astype("float16")
     expected = source if permutation is None else source.transpose(permutation)
     out = np.full(expected.shape, np.nan, "float32")
-    streaming.transpose_into(source, out, permutation)
+    transpose.transpose_into(source, out, permutation)
     np.testing.assert_array_equal(out, expected.astype("float32"))
 
 
@@ -155,8 +155,8 @@ def test_mapped_values_equal_read_values_and_slices_fall_back(tmp_path):
     array = np.random.default_rng(0).standard_normal((3, 5)).astype("float32")
     path = tmp_path / "w.safetensors"
     # A first tensor of odd size puts the second at an offset that is not page-aligned.
-    streaming.write_safetensors(path, {"a": np.ones(3, "float16"), "w": array})
-    tensors, _ = streaming.read_safetensors(path)
+    safetensors_io.write_safetensors(path, {"a": np.ones(3, "float16"), "w": array})
+    tensors, _ = safetensors_io.read_safetensors(path)
     assert tensors["w"].file_offset % 4096 != 0
     with tensors["w"].mapped() as values:
         np.testing.assert_array_equal(values, array)

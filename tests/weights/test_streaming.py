@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from keras_sd import presets
-from keras_sd.weights import streaming
+from keras_sd.weights import deferred, safetensors_io, transpose
 from keras_sd.weights.state_dict import CheckpointError, torch_to_keras
 
 
@@ -33,7 +33,7 @@ def test_read_matches_the_safetensors_library(tmp_path):
     arrays = _arrays()
     save_file(arrays, tmp_path / "a.safetensors", metadata={"format": "pt", "k": "v"})
 
-    tensors, metadata = streaming.read_safetensors(tmp_path / "a.safetensors")
+    tensors, metadata = safetensors_io.read_safetensors(tmp_path / "a.safetensors")
 
     assert metadata == {"format": "pt", "k": "v"}
     assert tensors.keys() == arrays.keys()
@@ -51,7 +51,7 @@ def test_bfloat16_is_widened_exactly(tmp_path):
 
     value = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).bfloat16()
     save_torch({"w": value}, tmp_path / "b.safetensors")
-    tensors, _ = streaming.read_safetensors(tmp_path / "b.safetensors")
+    tensors, _ = safetensors_io.read_safetensors(tmp_path / "b.safetensors")
     assert tensors["w"].dtype == np.float32
     np.testing.assert_array_equal(np.asarray(tensors["w"]), value.float().numpy())
 
@@ -59,24 +59,29 @@ def test_bfloat16_is_widened_exactly(tmp_path):
 @pytest.mark.parametrize("dtype", [None, "float16"])
 def test_written_files_read_back_with_the_safetensors_library(tmp_path, dtype):
     arrays = _arrays()
-    lazy = {k: streaming.LazyTensor(lambda v=v: v, v.shape, v.dtype) for k, v in arrays.items()}
-    streaming.write_safetensors(tmp_path / "c.safetensors", lazy, dtype, metadata={"k": "v"})
+    lazy = {
+        k: safetensors_io.LazyTensor(lambda v=v: v, v.shape, v.dtype) for k, v in arrays.items()
+    }
+    safetensors_io.write_safetensors(tmp_path / "c.safetensors", lazy, dtype, metadata={"k": "v"})
 
     loaded = load_file(tmp_path / "c.safetensors")
 
     for name, array in arrays.items():
         want = array.astype(dtype) if dtype and array.dtype.kind == "f" else array
         assert loaded[name].dtype == want.dtype and loaded[name].tobytes() == want.tobytes()
-    assert streaming.read_safetensors(tmp_path / "c.safetensors")[1] == {"format": "pt", "k": "v"}
+    assert safetensors_io.read_safetensors(tmp_path / "c.safetensors")[1] == {
+        "format": "pt",
+        "k": "v",
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no partial file left
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "d.safetensors"
-    streaming.write_safetensors(path, {"w": np.ones(3)})
-    liar = streaming.LazyTensor(lambda: np.ones(4), (3,), np.float64)  # announces 3, gives 4
+    safetensors_io.write_safetensors(path, {"w": np.ones(3)})
+    liar = safetensors_io.LazyTensor(lambda: np.ones(4), (3,), np.float64)  # announces 3, gives 4
     with pytest.raises(ValueError, match="announced"):
-        streaming.write_safetensors(path, {"w": liar})
+        safetensors_io.write_safetensors(path, {"w": liar})
     np.testing.assert_array_equal(load_file(path)["w"], np.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
 
@@ -95,7 +100,7 @@ def test_bad_files_fail_clearly(tmp_path, corrupt, reason):
     save_file({"w": np.ones((4, 4), dtype="float32")}, path)
     path.write_bytes(corrupt(path.read_bytes()))
     with pytest.raises(ValueError, match=reason) as info:
-        streaming.read_safetensors(path)
+        safetensors_io.read_safetensors(path)
     assert "e.safetensors" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -104,7 +109,7 @@ def test_inconsistent_offsets_are_refused(tmp_path):
     path = tmp_path / "f.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     with pytest.raises(ValueError, match="inconsistent offsets"):
-        streaming.read_safetensors(path)
+        safetensors_io.read_safetensors(path)
 
 
 def test_to_keras_tensor_follows_torch_to_keras():
@@ -123,7 +128,7 @@ def test_to_keras_tensor_follows_torch_to_keras():
         (rng.standard_normal(5), norm.gamma),
     ]
     for value, variable in cases:
-        got = keras.ops.convert_to_numpy(streaming.to_keras_tensor(value, variable))
+        got = keras.ops.convert_to_numpy(transpose.to_keras_tensor(value, variable))
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, torch_to_keras(value, variable).astype("float32"))
 
@@ -150,12 +155,12 @@ def test_file_tensors_read_through_a_reused_buffer_stay_intact(tmp_path):
     arrays = {
         k: v.astype(v.dtype if v.dtype == np.float16 else "float32") for k, (v, _) in cases.items()
     }
-    streaming.write_safetensors(tmp_path / "w.safetensors", arrays)
-    tensors, _ = streaming.read_safetensors(tmp_path / "w.safetensors")
-    values = {k: streaming.to_keras_tensor(tensors[k], var) for k, (_, var) in cases.items()}
+    safetensors_io.write_safetensors(tmp_path / "w.safetensors", arrays)
+    tensors, _ = safetensors_io.read_safetensors(tmp_path / "w.safetensors")
+    values = {k: transpose.to_keras_tensor(tensors[k], var) for k, (_, var) in cases.items()}
     for _ in range(2):  # more reads through the same buffer after the conversions
         for k, (_, var) in cases.items():
-            streaming.to_keras_tensor(tensors[k], var)
+            transpose.to_keras_tensor(tensors[k], var)
     for k, (_, var) in cases.items():
         expected = torch_to_keras(arrays[k], var).astype("float32")
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(values[k]), expected, err_msg=k)
@@ -165,43 +170,43 @@ def test_deferred_models_cost_nothing_until_initialized():
     from keras.src.backend.common import global_state
 
     config = presets.resolve_model_config("tiny")
-    models = streaming.build_models_deferred(config)
+    models = deferred.build_models_deferred(config)
     pending = global_state.get_global_attribute("uninitialized_variables")
     assert len(pending) == sum(len(m.weights) for m in models.values())
     # export_lazy reads shapes only, so it works before any variable has a value.
-    shapes = {k: t.shape for k, t in streaming.export_lazy(models["diffusion_model"]).items()}
+    shapes = {k: t.shape for k, t in transpose.export_lazy(models["diffusion_model"]).items()}
     state = {k: np.full(shape, 0.5, "float32") for k, shape in shapes.items()}
     del state["conv_in.weight"]
     with pytest.raises(CheckpointError, match="missing keys: conv_in.weight"):
-        streaming.match_torch_state(models["diffusion_model"], state, "test")
-    streaming.forget_deferred(models.values())
+        transpose.match_torch_state(models["diffusion_model"], state, "test")
+    deferred.forget_deferred(models.values())
     assert not global_state.get_global_attribute("uninitialized_variables")
 
-    models = streaming.build_models_deferred(config)
+    models = deferred.build_models_deferred(config)
     decoder = models["decoder"]
-    shapes = {k: t.shape for k, t in streaming.export_lazy(decoder).items()}
+    shapes = {k: t.shape for k, t in transpose.export_lazy(decoder).items()}
     state = {k: np.full(shape, 0.5, "float32") for k, shape in shapes.items()}
-    pairs = streaming.match_torch_state(decoder, state, "t")
+    pairs = transpose.match_torch_state(decoder, state, "t")
     with pytest.raises(ValueError, match="would stay without values"):  # the other models
-        streaming.initialize_deferred(models.values(), pairs)
+        deferred.initialize_deferred(models.values(), pairs)
     assert not global_state.get_global_attribute("uninitialized_variables")
-    models = streaming.build_models_deferred(config)
+    models = deferred.build_models_deferred(config)
     decoder = models.pop("decoder")
-    streaming.forget_deferred(models.values())  # only the decoder gets values here
-    streaming.initialize_deferred([decoder], streaming.match_torch_state(decoder, state, "t"))
+    deferred.forget_deferred(models.values())  # only the decoder gets values here
+    deferred.initialize_deferred([decoder], transpose.match_torch_state(decoder, state, "t"))
     assert all(np.all(v.numpy() == 0.5) for v in decoder.weights)
     assert decoder(np.zeros((1, 2, 2, 4), "float32")).shape == (1, 4, 4, 3)
 
 
 def test_paused_gc_restores_the_previous_state_even_after_an_error():
     assert gc.isenabled()
-    with pytest.raises(RuntimeError), streaming.paused_gc():
+    with pytest.raises(RuntimeError), deferred.paused_gc():
         assert not gc.isenabled()
         raise RuntimeError("a failed load")
     assert gc.isenabled()
     gc.disable()  # a user's own choice survives a load
     try:
-        with streaming.paused_gc():
+        with deferred.paused_gc():
             assert not gc.isenabled()
         assert not gc.isenabled()
     finally:

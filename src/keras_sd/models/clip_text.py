@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from keras_sd.models.layers import dot_product_attention
+from keras_sd.models.attention import dot_product_attention
 
 SD1_CONFIG = {
     "vocab_size": 49408,

@@ -22,11 +22,11 @@ from keras_sd.models.layers import (
     GroupNorm,
     ResnetBlock,
     TimestepEmbedding,
-    Transformer2D,
     Upsample2D,
     spatial_shape,
     timestep_embedding,
 )
+from keras_sd.models.transformer import Transformer2D
 
 SD1_CONFIG = {
     "in_channels": 4,

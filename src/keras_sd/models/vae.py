@@ -19,13 +19,13 @@ import keras
 from keras import layers, ops
 
 from keras_sd.models.layers import (
-    Attention,
     Downsample2D,
     GroupNorm,
     ResnetBlock,
     Upsample2D,
     spatial_shape,
 )
+from keras_sd.models.transformer import Attention
 
 SD1_CONFIG = {
     "in_channels": 3,

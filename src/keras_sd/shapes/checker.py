@@ -33,9 +33,9 @@ _FAR = 60.0  # RGB distance from the background beyond which a pixel is surely f
 _MIN_AREA = 0.005  # smallest shape, as a fraction of the image, below which nothing is drawn
 _ANGLES = 90  # rays of the radial profile
 _RAY_STEP = 0.25  # pixels between samples along a ray
-# Thresholds on the harmonics relative to the mean radius, set between the ranges measured on
-# blurred, noisy, JPEG-compressed 32-64 px renders: circles <= 0.016 (pixel grid), squares
-# 0.05-0.07, triangles and stars >= 0.07, crosses >= 0.12.
+# Thresholds on the harmonics relative to the mean radius, set between the ranges that
+# blurred, noisy, JPEG-compressed 32-64 px renders give: circles <= 0.016 (pixel grid),
+# squares 0.05-0.07, triangles and stars >= 0.07, crosses >= 0.12.
 _ROUND = 0.03  # below this for k = 3, 4, 5: no symmetry, a circle
 _NOTCHED = 0.09  # a 4-fold shape above this has notches: a cross, not a square
 _MAX_SIDE = 128  # larger images are block-averaged down first: same reading, bounded cost

@@ -10,10 +10,8 @@ class Trainer(keras.Model):
 
     Keras otherwise creates them (Adam: two per trained weight) inside the first traced
     train step. On TensorFlow that builds them in graph mode and makes the step trace
-    twice, because variables were created on its first trace: the tiny SD trainer's first
-    epoch took 71 s on a 2-core CPU, and 32 s with the optimizer built here (its own
-    build: 1 s). Nothing changes when a wrapped model is not built yet: Keras then builds
-    the optimizer on first use, as usual.
+    twice, because variables were created on its first trace. Nothing changes when a
+    wrapped model is not built yet: Keras then builds the optimizer on first use, as usual.
 
     Example:
     >>> from keras_sd.models.vae import VAEDecoder, VAEEncoder, TINY_CONFIG

@@ -9,7 +9,7 @@ prompts is replaced by the empty prompt, so the same model also learns the uncon
 prediction that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2). With
 `snr_gamma` each example's error is weighted by min(SNR(t), gamma) / SNR(t) (epsilon
 targets; / (SNR(t) + 1) for v targets): the Min-SNR-gamma weighting of Hang et al. 2023,
-the `--snr_gamma` of diffusers' training scripts, which converges several times faster.
+the `--snr_gamma` of diffusers' training scripts, which the paper shows converges faster.
 
 The trainer overrides `call` and `compute_loss` only, never `train_step`, so the built-in
 `fit()` of every Keras backend (TensorFlow, JAX, PyTorch) trains it.

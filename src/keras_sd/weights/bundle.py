@@ -14,13 +14,13 @@ from types import SimpleNamespace
 
 import keras
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
 from keras_sd.weights.diffusers import export_components, load_components
+from keras_sd.weights.safetensors_io import read_safetensors
 
 FORMAT = "keras_sd.bundle"
 VERSION = "1"
@@ -96,15 +96,14 @@ def read_bundle(path) -> tuple[dict, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No keras-sd bundle at {path!r}.")
     try:
-        with safe_open(path, framework="np") as handle:
-            metadata = handle.metadata() or {}
-            states = {name: {} for name in COMPONENT_PREFIXES}
-            for key in handle.keys():
-                component, _, name = key.partition(".")
-                if component not in states:
-                    raise ValueError(f"unexpected tensor {key!r}")
-                states[component][name] = handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError) as err:
+        tensors, metadata = read_safetensors(path)
+        states = {name: {} for name in COMPONENT_PREFIXES}
+        for key in sorted(tensors):
+            component, _, name = key.partition(".")
+            if component not in states:
+                raise ValueError(f"unexpected tensor {key!r}")
+            states[component][name] = tensors[key].read()
+    except (OSError, ValueError) as err:
         raise ValueError(
             f"{path!r} is not a readable keras-sd bundle (corrupt or truncated?): {err}"
         ) from None
@@ -121,9 +120,8 @@ def is_bundle(path) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        with safe_open(os.fspath(path), framework="np") as handle:
-            return (handle.metadata() or {}).get("format") == FORMAT
-    except (SafetensorError, OSError):
+        return read_safetensors(path)[1].get("format") == FORMAT
+    except (OSError, ValueError):
         return False
 
 

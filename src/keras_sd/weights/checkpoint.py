@@ -6,7 +6,7 @@ The architecture comes from the weights (levels, channels, layers, context width
 tell (attention heads, GroupNorm groups, prediction type, image size) comes from
 the SD 1.x or 2.x configuration detected, a diffusers folder's json files, or the
 caller's overrides. Tensors stream from the file into the models one at a time
-(`keras_sd.weights.streaming`), so loading costs about one read of the file and
+(`keras_sd.weights.deferred`), so loading costs about one read of the file and
 memory stays near the model's own size.
 """
 
@@ -18,7 +18,15 @@ from pathlib import Path
 import keras
 
 from keras_sd import presets
-from keras_sd.weights import bundle, diffusers_folder, keras_cv, native, streaming
+from keras_sd.weights import (
+    bundle,
+    deferred,
+    diffusers_folder,
+    keras_cv,
+    native,
+    safetensors_io,
+    transpose,
+)
 from keras_sd.weights import diffusers as diffusers_io
 from keras_sd.weights.compvis import (
     CLIP_PREFIX,
@@ -33,7 +41,7 @@ from keras_sd.weights.prefetch import Prefetch
 from keras_sd.weights.state_dict import CheckpointError
 
 LAYOUTS = ("compvis", "diffusers", "keras")
-COMPONENTS = tuple(streaming.MODELS)  # the StableDiffusion attributes that hold weights
+COMPONENTS = tuple(deferred.MODELS)  # the StableDiffusion attributes that hold weights
 
 
 # ------------------------------------------------------------------ loading
@@ -214,27 +222,27 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
     order = component_states(parts)
     dtype = keras.config.dtype_policy().variable_dtype
     with Prefetch([state[1:] for state in order], dtype) as prefetch:
-        models = streaming.build_models_deferred(config)
+        models = deferred.build_models_deferred(config)
         try:
             pairs = [
                 pair
                 for attr, state, key_prefix, ignore in order
-                for pair in streaming.match_torch_state(
+                for pair in transpose.match_torch_state(
                     models[attr], state, source, key_prefix, ignore, prefetch.take
                 )
             ]
         except CheckpointError as err:
-            streaming.forget_deferred(models.values())
+            deferred.forget_deferred(models.values())
             raise CheckpointError(
                 f"{err} The architecture was inferred from the weights and the detected SD "
                 "version; pass config=... or a component override (e.g. unet={...}) for "
                 "values weights cannot show (attention heads, GroupNorm groups)."
             ) from None
-        streaming.initialize_deferred(models.values(), pairs)
+        deferred.initialize_deferred(models.values(), pairs)
     return models
 
 
-@streaming.paused_gc()
+@deferred.paused_gc()
 def checkpoint_kwargs(
     path,
     *,
@@ -340,12 +348,12 @@ def checkpoint_kwargs(
 def export_parts_lazy(models: dict) -> dict:
     """Diffusers-layout state dicts of `{StableDiffusion attribute: model}`, read lazily."""
     return {
-        "unet": streaming.export_lazy(models["diffusion_model"]),
+        "unet": transpose.export_lazy(models["diffusion_model"]),
         "vae": {
-            **streaming.export_lazy(models["image_encoder"]),
-            **streaming.export_lazy(models["decoder"]),
+            **transpose.export_lazy(models["image_encoder"]),
+            **transpose.export_lazy(models["decoder"]),
         },
-        "text_encoder": streaming.export_lazy(
+        "text_encoder": transpose.export_lazy(
             models["text_encoder"], diffusers_io.TEXT_ENCODER_PREFIX
         ),
     }
@@ -391,7 +399,7 @@ def save_checkpoint(sd, path, layout: str = "compvis", dtype: str | None = None)
     elif path.suffix.lower() != ".safetensors":
         raise ValueError(f"a compvis checkpoint is written as .safetensors; received {path}.")
     else:
-        streaming.write_safetensors(path, diffusers_to_compvis(parts, _text_layout(sd)), dtype)
+        safetensors_io.write_safetensors(path, diffusers_to_compvis(parts, _text_layout(sd)), dtype)
 
 
 __all__ = ["checkpoint_kwargs", "export_parts_lazy", "save_checkpoint"]

@@ -21,6 +21,18 @@ import warnings
 
 import numpy as np
 
+from keras_sd.weights.compvis_groups import (
+    Groups,
+    indices,
+    invert,
+    map_keys,
+    translate,
+    unet_groups_from_compvis,
+    unet_groups_from_diffusers,
+    vae_groups,
+    vae_structure,
+)
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -51,29 +63,6 @@ _KNOWN_UNUSED = (EMA_PREFIX, VAE_PREFIX + "loss.")
 # OpenCLIP parts SD 2.x does not use: the contrastive head and the causal mask buffer.
 _OPENCLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}
 
-# Sub-module renames inside one block: CompVis name -> diffusers name.
-_UNET_RESNET = {
-    "in_layers.0": "norm1",
-    "in_layers.2": "conv1",
-    "out_layers.0": "norm2",
-    "out_layers.3": "conv2",
-    "emb_layers.1": "time_emb_proj",
-    "skip_connection": "conv_shortcut",
-}
-_VAE_RESNET = {
-    "norm1": "norm1",
-    "conv1": "conv1",
-    "norm2": "norm2",
-    "conv2": "conv2",
-    "nin_shortcut": "conv_shortcut",
-}
-_VAE_ATTENTION = {
-    "norm": "group_norm",
-    "q": "to_q",
-    "k": "to_k",
-    "v": "to_v",
-    "proj_out": "to_out.0",
-}
 _OPENCLIP_TOP = {
     "positional_embedding": "embeddings.position_embedding.weight",
     "token_embedding.weight": "embeddings.token_embedding.weight",
@@ -89,155 +78,8 @@ _OPENCLIP_BLOCK = {
 }
 _QKV = ("q_proj", "k_proj", "v_proj")
 
-# A group maps one module prefix to another. Its renames (or None: pass the rest
-# of the key through) say which sub-modules it may hold; anything else is unknown.
-_Groups = dict[str, tuple[str, "dict[str, str] | None"]]
-
-
-def _translate(key: str, groups: _Groups) -> str | None:
-    parts = key.split(".")
-    for n in range(len(parts) - 1, 0, -1):  # longest matching prefix wins
-        head = ".".join(parts[:n])
-        if head not in groups:
-            continue
-        target, renames = groups[head]
-        rest = ".".join(parts[n:])
-        if renames is None:
-            return f"{target}.{rest}"
-        for old, new in renames.items():
-            if rest.startswith(old + "."):
-                return f"{target}.{new}{rest[len(old) :]}"
-        return None
-    return None
-
-
-def _invert(groups: _Groups) -> _Groups:
-    return {
-        target: (source, None if renames is None else {v: k for k, v in renames.items()})
-        for source, (target, renames) in groups.items()
-    }
-
-
-def _indices(keys, pattern: str) -> set[int]:
-    regex = re.compile(pattern)
-    return {int(m.group(1)) for k in keys if (m := regex.match(k))}
-
-
-def _unet_groups(levels: int, per_level: int, upsampler_slot: list[int]) -> _Groups:
-    """CompVis -> diffusers UNet groups. `upsampler_slot[b]` is 2 when up level b has
-    attentions (`output_blocks.i.2.conv`), else 1."""
-    groups: _Groups = {
-        "time_embed.0": ("time_embedding.linear_1", None),
-        "time_embed.2": ("time_embedding.linear_2", None),
-        "input_blocks.0.0": ("conv_in", None),
-        "middle_block.0": ("mid_block.resnets.0", _UNET_RESNET),
-        "middle_block.1": ("mid_block.attentions.0", None),
-        "middle_block.2": ("mid_block.resnets.1", _UNET_RESNET),
-        "out.0": ("conv_norm_out", None),
-        "out.2": ("conv_out", None),
-    }
-    step = per_level + 1  # each level: its resnets, then a down/upsampler slot
-    for b in range(levels):
-        for j in range(per_level):
-            i = 1 + b * step + j  # input block 0 is conv_in
-            groups[f"input_blocks.{i}.0"] = (f"down_blocks.{b}.resnets.{j}", _UNET_RESNET)
-            groups[f"input_blocks.{i}.1"] = (f"down_blocks.{b}.attentions.{j}", None)
-        if b < levels - 1:
-            i = 1 + b * step + per_level
-            groups[f"input_blocks.{i}.0.op"] = (f"down_blocks.{b}.downsamplers.0.conv", None)
-        for j in range(step):  # up levels have one resnet more (the skip from the downsampler)
-            i = b * step + j
-            groups[f"output_blocks.{i}.0"] = (f"up_blocks.{b}.resnets.{j}", _UNET_RESNET)
-            groups[f"output_blocks.{i}.1"] = (f"up_blocks.{b}.attentions.{j}", None)
-        if b < levels - 1:
-            i = b * step + per_level
-            groups[f"output_blocks.{i}.{upsampler_slot[b]}.conv"] = (
-                f"up_blocks.{b}.upsamplers.0.conv",
-                None,
-            )
-    return groups
-
-
-def _unet_groups_from_compvis(keys) -> _Groups:
-    n_inputs = max(_indices(keys, r"input_blocks\.(\d+)\."), default=-1) + 1
-    levels = len(_indices(keys, r"input_blocks\.(\d+)\.0\.op\.")) + 1
-    per_level = n_inputs // levels - 1
-    if per_level < 1 or n_inputs != levels * (per_level + 1):
-        raise ValueError(f"unrecognized CompVis UNet layout ({n_inputs} input blocks)")
-    slots = [
-        2 if f"output_blocks.{b * (per_level + 1) + per_level}.2.conv.weight" in keys else 1
-        for b in range(levels)
-    ]
-    return _unet_groups(levels, per_level, slots)
-
-
-def _unet_groups_from_diffusers(keys) -> _Groups:
-    levels = len(_indices(keys, r"down_blocks\.(\d+)\."))
-    per_level = len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
-    slots = [
-        2 if any(k.startswith(f"up_blocks.{b}.attentions.") for k in keys) else 1
-        for b in range(levels)
-    ]
-    return _unet_groups(levels, per_level, slots)
-
-
-def _vae_groups(levels: int, per_level: int) -> _Groups:
-    """CompVis -> diffusers VAE groups; the decoder counts its levels in reverse."""
-    groups: _Groups = {
-        "quant_conv": ("quant_conv", None),
-        "post_quant_conv": ("post_quant_conv", None),
-    }
-    for part in ("encoder", "decoder"):
-        groups[f"{part}.conv_in"] = (f"{part}.conv_in", None)
-        groups[f"{part}.conv_out"] = (f"{part}.conv_out", None)
-        groups[f"{part}.norm_out"] = (f"{part}.conv_norm_out", None)
-        groups[f"{part}.mid.block_1"] = (f"{part}.mid_block.resnets.0", _VAE_RESNET)
-        groups[f"{part}.mid.block_2"] = (f"{part}.mid_block.resnets.1", _VAE_RESNET)
-        groups[f"{part}.mid.attn_1"] = (f"{part}.mid_block.attentions.0", _VAE_ATTENTION)
-    for i in range(levels):
-        for j in range(per_level):
-            groups[f"encoder.down.{i}.block.{j}"] = (
-                f"encoder.down_blocks.{i}.resnets.{j}",
-                _VAE_RESNET,
-            )
-        groups[f"encoder.down.{i}.downsample.conv"] = (
-            f"encoder.down_blocks.{i}.downsamplers.0.conv",
-            None,
-        )
-        up = levels - 1 - i
-        for j in range(per_level + 1):
-            groups[f"decoder.up.{i}.block.{j}"] = (
-                f"decoder.up_blocks.{up}.resnets.{j}",
-                _VAE_RESNET,
-            )
-        groups[f"decoder.up.{i}.upsample.conv"] = (
-            f"decoder.up_blocks.{up}.upsamplers.0.conv",
-            None,
-        )
-    return groups
-
-
-def _vae_structure(keys, down: str, up: str, block: str) -> tuple[int, int]:
-    levels = len(_indices(keys, rf"(?:encoder\.{down}|decoder\.{up})\.(\d+)\."))
-    encoder_blocks = _indices(keys, rf"encoder\.{down}\.0\.{block}\.(\d+)\.")
-    decoder_blocks = _indices(keys, rf"decoder\.{up}\.0\.{block}\.(\d+)\.")
-    per_level = len(encoder_blocks) if encoder_blocks else len(decoder_blocks) - 1
-    return levels, per_level
-
-
 # The VAE attention weights stored as 1x1 convs in CompVis and as linear layers in diffusers.
 _VAE_ATTENTION_MATRIX = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-
-
-def _map(state_dict: dict, groups: _Groups) -> tuple[dict, list[str]]:
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        target = _translate(key, groups)
-        if target is None:
-            unknown.append(key)
-        else:
-            out[target] = value
-    return out, unknown
 
 
 def _strip(state_dict: dict, prefix: str) -> dict:
@@ -252,12 +94,12 @@ def _ema_key(key: str) -> str:
 def _openclip_to_diffusers(text: dict) -> tuple[dict, list[str], list[str]]:
     """OpenCLIP tower (prefix stripped) -> (`text_model.*` dict, unused keys, unknown keys)."""
     out, unused, unknown = {}, [], []
-    blocks = _indices(text, r"transformer\.resblocks\.(\d+)\.")
+    blocks = indices(text, r"transformer\.resblocks\.(\d+)\.")
     # Released SD 2.x files hold the whole OpenCLIP tower (text_projection included) but
     # use the penultimate layer's output, so the last block is dead weight and the
     # diffusers text encoder has one layer fewer. Files we write have neither.
     last = max(blocks) if "text_projection" in text and blocks else None
-    block_groups: _Groups = {
+    block_groups: Groups = {
         f"transformer.resblocks.{i}": (f"encoder.layers.{i}", _OPENCLIP_BLOCK) for i in blocks
     }
     in_proj = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
@@ -273,7 +115,7 @@ def _openclip_to_diffusers(text: dict) -> tuple[dict, list[str], list[str]]:
                 out[f"{_TEXT_PREFIX}encoder.layers.{layer}.self_attn.{name}.{param}"] = value[
                     n * width : (n + 1) * width
                 ]
-        elif (target := _translate(key, block_groups)) is not None:
+        elif (target := translate(key, block_groups)) is not None:
             out[_TEXT_PREFIX + target] = value
         else:
             unknown.append(key)
@@ -283,8 +125,8 @@ def _openclip_to_diffusers(text: dict) -> tuple[dict, list[str], list[str]]:
 def _diffusers_to_openclip(text: dict) -> dict:
     out = {}
     top = {v: k for k, v in _OPENCLIP_TOP.items()}
-    layers = _indices(text, rf"{re.escape(_TEXT_PREFIX)}encoder\.layers\.(\d+)\.")
-    block_groups = _invert(
+    layers = indices(text, rf"{re.escape(_TEXT_PREFIX)}encoder\.layers\.(\d+)\.")
+    block_groups = invert(
         {f"transformer.resblocks.{i}": (f"encoder.layers.{i}", _OPENCLIP_BLOCK) for i in layers}
     )
     qkv = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
@@ -305,7 +147,7 @@ def _diffusers_to_openclip(text: dict) -> dict:
                     for p in _QKV
                 ]
                 out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = np.concatenate(parts)
-        elif (target := _translate(name, block_groups)) is not None:
+        elif (target := translate(name, block_groups)) is not None:
             out[target] = text[key]
         else:
             unknown.append(key)
@@ -355,10 +197,10 @@ def compvis_to_diffusers(state_dict: dict, use_ema: bool = False) -> dict[str, d
         if missing:
             raise ValueError(f"use_ema=True but {len(missing)} UNet weights have no EMA copy")
         unet_sd = {k: state_dict[_ema_key(UNET_PREFIX + k)] for k in unet_sd}
-    unet, unknown_unet = _map(unet_sd, _unet_groups_from_compvis(unet_sd) if unet_sd else {})
+    unet, unknown_unet = map_keys(unet_sd, unet_groups_from_compvis(unet_sd) if unet_sd else {})
 
     vae_sd = _strip(state_dict, VAE_PREFIX)
-    vae, unknown_vae = _map(vae_sd, _vae_groups(*_vae_structure(vae_sd, "down", "up", "block")))
+    vae, unknown_vae = map_keys(vae_sd, vae_groups(*vae_structure(vae_sd, "down", "up", "block")))
     for key, value in vae.items():
         if _VAE_ATTENTION_MATRIX.search(key) and len(value.shape) == 4:
             vae[key] = value[:, :, 0, 0]  # 1x1 conv [C, C, 1, 1] -> linear [C, C]
@@ -428,18 +270,18 @@ def diffusers_to_compvis(components: dict, text_encoder_layout: str = "sd1") -> 
     out = {}
     unet_sd = components.get("unet") or {}
     if unet_sd:
-        unet, unknown = _map(unet_sd, _invert(_unet_groups_from_diffusers(unet_sd)))
+        unet, unknown = map_keys(unet_sd, invert(unet_groups_from_diffusers(unet_sd)))
         _raise_unknown("unet", unknown)
         out.update({UNET_PREFIX + k: v for k, v in unet.items()})
 
     vae_sd = components.get("vae") or {}
-    structure = _vae_structure(vae_sd, "down_blocks", "up_blocks", "resnets")
-    groups = _invert(_vae_groups(*structure))
-    _raise_unknown("vae", _map(vae_sd, groups)[1])
+    structure = vae_structure(vae_sd, "down_blocks", "up_blocks", "resnets")
+    groups = invert(vae_groups(*structure))
+    _raise_unknown("vae", map_keys(vae_sd, groups)[1])
     for key, value in vae_sd.items():
         if _VAE_ATTENTION_MATRIX.search(key) and len(value.shape) == 2:
             value = value[:, :, None, None]  # linear [C, C] -> 1x1 conv [C, C, 1, 1]
-        out[VAE_PREFIX + _translate(key, groups)] = value
+        out[VAE_PREFIX + translate(key, groups)] = value
 
     text_sd = components.get("text_encoder") or {}
     if text_encoder_layout == "sd1":

@@ -14,8 +14,12 @@ from keras_sd import presets
 from keras_sd.models import clip_text, unet, vae
 from keras_sd.schedulers import registry
 from keras_sd.weights.safe_pickle import load_state_dict_file
+from keras_sd.weights.safetensors_io import (
+    atomic_write_bytes,
+    read_safetensors,
+    write_safetensors,
+)
 from keras_sd.weights.state_dict import CheckpointError
-from keras_sd.weights.streaming import atomic_write_bytes, read_safetensors, write_safetensors
 
 WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model",

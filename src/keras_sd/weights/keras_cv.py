@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_sd import presets
 from keras_sd.models import clip_text
-from keras_sd.weights import streaming
+from keras_sd.weights import deferred, safetensors_io
 from keras_sd.weights.state_dict import CheckpointError, named_variables, stand_in
 
 COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
@@ -149,7 +149,7 @@ def match_keras_cv(component: str, model, arrays: list, source: str) -> list:
         source: names the origin in error messages.
 
     Returns:
-        `[(variable, value function)]`, as `streaming.match_torch_state` returns.
+        `[(variable, value function)]`, as `transpose.match_torch_state` returns.
 
     Raises:
         CheckpointError: the count or any shape differs, naming the first difference.
@@ -183,7 +183,7 @@ def _lazy_dataset(path: str, name: str, shape, dtype):
         with h5py.File(path, "r") as f:
             return np.asarray(f[name])
 
-    return streaming.LazyTensor(load, shape, dtype)
+    return safetensors_io.LazyTensor(load, shape, dtype)
 
 
 def _decode(value) -> str:
@@ -292,14 +292,14 @@ def _assemble(weights: dict, source: str, img_width, img_height) -> dict:
     errors = []
     for name in ("sd1", "sd2-base"):
         config = presets.resolve_model_config(name)
-        models = streaming.build_models_deferred(config)
+        models = deferred.build_models_deferred(config)
         try:
             pairs = []
             for component, arrays in weights.items():
                 pairs += match_keras_cv(component, models[component], arrays, source)
             break
         except CheckpointError as err:
-            streaming.forget_deferred(models.values())
+            deferred.forget_deferred(models.values())
             errors.append(str(err))
     else:
         raise CheckpointError(f"{errors[0]} (as SD 2.x: {errors[1]})")
@@ -309,9 +309,9 @@ def _assemble(weights: dict, source: str, img_width, img_height) -> dict:
             "(text-to-image works, image-to-image does not).",
             stacklevel=3,
         )
-        streaming.forget_deferred([models["image_encoder"]])
+        deferred.forget_deferred([models["image_encoder"]])
         models["image_encoder"] = type(models["image_encoder"])(**config["vae"])
-    streaming.initialize_deferred([models[c] for c in weights], pairs)
+    deferred.initialize_deferred([models[c] for c in weights], pairs)
     return {
         "config": config,
         "img_width": img_width or 512,
@@ -375,7 +375,7 @@ def load_keras_cv_weights(
         variable.assign(value())
 
 
-@streaming.paused_gc()
+@deferred.paused_gc()
 def keras_cv_kwargs(
     model=None,
     *,
@@ -419,7 +419,7 @@ def keras_cv_kwargs(
                 built = getattr(model, component)
             given[component] = built
     weights = {
-        c: [streaming.LazyTensor(w.numpy, w.shape, w.dtype) for w in m.weights]
+        c: [safetensors_io.LazyTensor(w.numpy, w.shape, w.dtype) for w in m.weights]
         for c, m in given.items()
         if m is not None
     }

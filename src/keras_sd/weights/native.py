@@ -35,7 +35,7 @@ import keras
 import numpy as np
 
 from keras_sd import backend
-from keras_sd.weights import streaming
+from keras_sd.weights import deferred, safetensors_io
 from keras_sd.weights.bundle import pipeline_metadata, read_pipeline_metadata
 from keras_sd.weights.state_dict import CheckpointError, describe_problems, named_variables
 
@@ -58,7 +58,7 @@ def is_keras_layout(path) -> bool:
     if not path.is_file() or path.suffix.lower() != ".safetensors":
         return False
     try:
-        _, metadata = streaming.read_safetensors(path)
+        _, metadata = safetensors_io.read_safetensors(path)
     except ValueError:
         return False  # not readable as safetensors at all: the regular loader explains
     return metadata.get("format") == FORMAT
@@ -81,15 +81,15 @@ def save_keras_layout(sd, path, dtype: str | None = None) -> None:
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"a keras-layout checkpoint is written as .safetensors; received {path}.")
     tensors = {}
-    for component in streaming.MODELS:
+    for component in deferred.MODELS:
         for name, variable in named_variables(getattr(sd, component)).items():
-            tensors[component + _SEPARATOR + name] = streaming.LazyTensor(
+            tensors[component + _SEPARATOR + name] = safetensors_io.LazyTensor(
                 lambda v=variable: np.asarray(keras.ops.convert_to_numpy(v.value)),
                 tuple(variable.shape),
                 np.dtype(variable.dtype),
             )
     metadata = pipeline_metadata(sd, FORMAT, VERSION)
-    streaming.write_safetensors(path, tensors, dtype, metadata, alignment=ALIGNMENT)
+    safetensors_io.write_safetensors(path, tensors, dtype, metadata, alignment=ALIGNMENT)
 
 
 def _mapped_values(path: str, tensors: dict):
@@ -106,7 +106,7 @@ def _mapped_values(path: str, tensors: dict):
 
 
 def _value_function(tensor, variable, mapped):
-    """What `streaming.initialize_deferred` calls for one variable's value: the mapped
+    """What `deferred.initialize_deferred` calls for one variable's value: the mapped
     memory itself where the backend can adopt it (aligned, same dtype), else a copy."""
     if mapped is not None and mapped.dtype.name == variable.dtype:
         adopted = backend.borrow_numpy(mapped)
@@ -136,7 +136,7 @@ def keras_layout_kwargs(
     >>> sd = StableDiffusion(**keras_layout_kwargs("sd15-keras.safetensors"))  # doctest: +SKIP
     """
     path = os.fspath(path)
-    tensors, metadata = streaming.read_safetensors(path)
+    tensors, metadata = safetensors_io.read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise ValueError(
             f"{path} is not a keras-layout checkpoint (metadata format="
@@ -149,13 +149,13 @@ def keras_layout_kwargs(
         raise ValueError(f"{path}: the keras-layout metadata is incomplete ({err}).") from None
     if prediction_type is not None:
         config["scheduler"] = {**config["scheduler"], "prediction_type": prediction_type}
-    models = streaming.build_models_deferred(config)
+    models = deferred.build_models_deferred(config)
     try:
         pairs = _match(models, tensors, _mapped_values(path, tensors), path)
     except Exception:
-        streaming.forget_deferred(models.values())
+        deferred.forget_deferred(models.values())
         raise
-    streaming.initialize_deferred(models.values(), pairs)
+    deferred.initialize_deferred(models.values(), pairs)
     return {
         "config": config,
         "img_width": img_width or width,

@@ -1,11 +1,11 @@
 """Convert checkpoint tensors in worker threads while the models are still being built.
 
-Loading a full-size model spends over a second building Keras layers (pure Python)
-and several seconds reading and transposing tensors (file reads and copies, which
-release the GIL). The transposes depend only on each tensor's layout, and the key and
-shape predict that layout before any model exists, so `Prefetch` starts them first and
-they run beside the build. Each guess is checked against the variable when its value is
-taken; a wrong one only costs a second conversion.
+Loading a full-size model spends its time building Keras layers (pure Python) and
+reading and transposing tensors (file reads and copies, which release the GIL). The
+transposes depend only on each tensor's layout, and the key and shape predict that
+layout before any model exists, so `Prefetch` starts them first and they run beside the
+build. Each guess is checked against the variable when its value is taken; a wrong one
+only costs a second conversion.
 
 Where a variable adopts host memory it is created from (on CPUs: TensorFlow through
 DLPack, JAX through `device_put`; `backend.adopt_numpy`), every value is transposed by
@@ -31,16 +31,13 @@ import keras
 import numpy as np
 
 from keras_sd import backend
+from keras_sd.backend.memory import aligned_empty
+from keras_sd.weights.safetensors_io import LazyTensor
 from keras_sd.weights.state_dict import select_entries, torch_layout
-from keras_sd.weights.streaming import (
-    LazyTensor,
-    aligned_empty,
-    convert_torch_tensor,
-    transpose_into,
-)
+from keras_sd.weights.transpose import convert_torch_tensor, transpose_into
 
 AHEAD_BYTES = 256 * 1024 * 1024
-WORKERS = 4  # arena workers at most; on 2 cores two converted SD 1.5 ~2x as fast as one
+WORKERS = 4  # arena workers at most (one per core): the copies scale with the cores
 _ARENA_DTYPES = ("float16", "float32", "float64")
 # 2-D weights that are lookup tables, not linear layers: they keep their layout.
 _TABLES = ("token_embedding.weight", "position_embedding.weight")
@@ -97,17 +94,16 @@ class Prefetch:
 
     Args:
         states: `(state_dict, prefix, ignore)` triples in the order their variables
-            will be filled (as `streaming.match_torch_state` pairs them: the entries
+            will be filled (as `transpose.match_torch_state` pairs them: the entries
             `state_dict.select_entries` picks, sorted by key).
         dtype: the dtype the variables will most likely have.
         budget: bytes the worker may convert ahead of `take`. Default: unlimited where
             variables adopt the values' memory (the arena, see above), else
             `AHEAD_BYTES`; a given budget always means one worker and no arena.
 
-    Use as a context manager; `take` is the `convert` of `streaming.match_torch_state`.
+    Use as a context manager; `take` is the `convert` of `transpose.match_torch_state`.
 
     Example:
-    >>> from keras_sd.weights import streaming
     >>> dense = keras.layers.Dense(2)
     >>> dense.build((None, 3))
     >>> state = {"weight": np.arange(6.0, dtype="float32").reshape(2, 3)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import pickle
 import struct
 import zipfile
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from keras_sd.weights.safetensors_io import _bfloat16_to_float32, read_safetensors
 
 # torch storage class name -> numpy dtype of its elements. bfloat16 has no numpy
 # dtype, so it is read as raw uint16 and widened to float32 (exactly) afterwards.
@@ -223,11 +224,6 @@ def _buffer_to_array(buffer, storage: _Storage, byteorder: str) -> np.ndarray:
     return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
 
 
-def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
-    # bfloat16 is the top half of a float32, so widening is exact.
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def _materialize(obj):
     """Replace every `_TensorSpec` in nested dicts/lists/tuples by a numpy array."""
     if isinstance(obj, _TensorSpec):
@@ -381,33 +377,14 @@ def load_torch_file(path) -> dict[str, Any]:
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    out, bfloat16_keys = {}, []
-    with safe_open(str(path), framework="np") as f:
-        for key in f.keys():
-            if f.get_slice(key).get_dtype() == "BF16":
-                bfloat16_keys.append(key)
-            else:
-                out[key] = f.get_tensor(key)
-    if bfloat16_keys:
-        # numpy has no bfloat16, so safetensors cannot return these; read the raw
-        # bits from the (already validated) header offsets and widen them.
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
-            for key in bfloat16_keys:
-                start, end = header[key]["data_offsets"]
-                f.seek(8 + header_size + start)
-                bits = np.frombuffer(f.read(end - start), dtype="<u2")
-                out[key] = _bfloat16_to_float32(bits).reshape(header[key]["shape"])
-    return out
+    tensors, _ = read_safetensors(path)  # bfloat16 widened to float32, exactly
+    return {key: tensors[key].read() for key in sorted(tensors)}
 
 
 def load_state_dict_file(path) -> dict[str, np.ndarray]:
     """Load a flat `{name: np.ndarray}` state dict from a checkpoint file.
 
-    `.safetensors` files are read with the safetensors numpy API; `.ckpt`,
+    `.safetensors` files are read with `safetensors_io.read_safetensors`; `.ckpt`,
     `.bin`, `.pt` and `.pth` files with `load_torch_file`. A top-level
     `"state_dict"` entry (CompVis/Lightning checkpoints) is unwrapped and the
     metadata beside it (`global_step`, ...) dropped.
@@ -440,7 +417,9 @@ def load_state_dict_file(path) -> dict[str, np.ndarray]:
     if suffix == ".safetensors":
         try:
             return _load_safetensors(path)
-        except Exception as err:  # safetensors raises its own error types (Rust-side)
+        except ValueError:  # names the file and what is wrong with it
+            raise
+        except Exception as err:
             raise _unreadable(path, "a safetensors file", err) from None
     obj = load_torch_file(path)
     if isinstance(obj.get("state_dict"), dict):

@@ -1,68 +1,32 @@
-"""Stream weights between files and models, a few tensors in memory at a time.
+"""Safetensors files read lazily and written a tensor at a time.
 
-Files: `read_safetensors` parses the header only and returns `LazyTensor`s whose
-shape and dtype are known at once and whose values are read (with plain file
-reads, no memory map, so the page cache is not charged to the process) when a
-consumer asks for them. `write_safetensors` writes the header from shapes and
-dtypes, then each tensor in turn, to a temporary file renamed into place when
+`read_safetensors` parses the header only and returns `LazyTensor`s whose shape and
+dtype are known at once and whose values are read (with plain file reads, no memory
+map, so the page cache is not charged to the process) when a consumer asks for them;
+`LazyTensor.mapped` hands out a memory map of the stored values instead, for
+consumers that copy them at once. `write_safetensors` writes the header from shapes
+and dtypes, then each tensor in turn, to a temporary file renamed into place when
 complete. The format: 8-byte little-endian header length, a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
 then the raw little-endian bytes (https://github.com/huggingface/safetensors).
-
-Models: `build_models_deferred` creates the SD models with variables that have no
-values yet (Keras defers initialization inside a `StatelessScope`), and
-`initialize_deferred` gives each variable its value straight from the file, reading
-and converting in worker threads a few tensors ahead. A full-size model then costs one
-read and one layout conversion per tensor instead of a random initialization plus a
-copy (seconds instead of ~15 s on CPU), and peak memory stays near the model's own size
-instead of twice that. On TensorFlow/CPU `convert_torch_tensor` reads a tensor that
-needs a transpose into a reused per-thread buffer that the transpose reads in place
-(through DLPack), so the only new memory it costs is the variable's own. Checkpoint
-loads on TensorFlow and JAX CPUs go further (`keras_sd.weights.prefetch`):
-`transpose_into` writes each value from a memory map of the file (`LazyTensor.mapped`)
-straight into the memory its variable adopts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import json
 import math
 import mmap
 import os
 import struct
 import threading
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import keras
 import numpy as np
 
-from keras_sd import backend
-from keras_sd.models.clip_text import CLIPTextEncoder
-from keras_sd.models.unet import UNet
-from keras_sd.models.vae import VAEDecoder, VAEEncoder
-from keras_sd.weights.safe_pickle import _bfloat16_to_float32
-from keras_sd.weights.state_dict import (
-    CheckpointError,
-    keras_to_torch,
-    match_state_dict,
-    named_variables,
-    stand_in,
-    torch_layout,
-)
-
-# StableDiffusion attribute -> model class and its config key.
-MODELS = {
-    "text_encoder": (CLIPTextEncoder, "text_encoder"),
-    "diffusion_model": (UNet, "unet"),
-    "decoder": (VAEDecoder, "vae"),
-    "image_encoder": (VAEEncoder, "vae"),
-}
+from keras_sd.backend.memory import aligned_empty
+from keras_sd.weights.state_dict import stand_in
 
 # safetensors dtype tag <-> little-endian numpy dtype. BF16 is read as raw bits.
 _DTYPES = {
@@ -74,11 +38,19 @@ _DTYPES = {
     "I32": "<i4",
     "I16": "<i2",
     "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
     "U8": "u1",
     "BOOL": "?",
 }
 _TAGS = {np.dtype(v).name: k for k, v in _DTYPES.items() if k != "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library enforces
+
+
+def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    # bfloat16 is the top half of a float32, so widening is exact.
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 class LazyTensor:
@@ -180,23 +152,6 @@ def _unreadable(path, reason: str) -> ValueError:
         f"cannot read {path} as a safetensors file: {reason}. The file may be truncated "
         "(an interrupted download?), corrupted, or not a safetensors file at all."
     )
-
-
-def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
-    """An uninitialized C-contiguous array whose data start on an `alignment`-byte boundary.
-
-    Eigen's vectorized kernels (TensorFlow's) assume 64-byte alignment for arrays handed
-    over without a copy; numpy itself guarantees only 16 bytes.
-
-    Example:
-    >>> aligned_empty((3, 5), "float32").ctypes.data % 64
-    0
-    """
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 _SCRATCH = threading.local()  # one reusable read buffer per loading thread
@@ -361,228 +316,3 @@ def write_safetensors(
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------- models
-@contextlib.contextmanager
-def paused_gc():
-    """Pause Python's cyclic garbage collector while a model loads; its previous state
-    comes back on exit (an outer pause or a user's `gc.disable()` is kept).
-
-    Building a full-size SD creates about 75,000 long-lived objects (Keras layers,
-    variables and their trackers), enough allocations to start full collections, and each
-    walks the whole heap (about 450,000 objects once TensorFlow and Keras are loaded):
-    0.24 s per collection for SD 1.5 on TensorFlow, in the main thread, holding the GIL
-    that the conversion workers need between their copies. A load leaves almost no
-    cyclic garbage (20 objects for SD 1.5), which the next collection after it finds.
-    Usable as a decorator.
-
-    Example:
-    >>> import gc
-    >>> with paused_gc():
-    ...     gc.isenabled()
-    False
-    >>> gc.isenabled()
-    True
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def build_models_deferred(config: dict) -> dict:
-    """`{StableDiffusion attribute: model}` built from `config`, variables without values.
-
-    Every model must then go through `initialize_deferred` or `forget_deferred`.
-    """
-    with keras.StatelessScope(initialize_variables=False):
-        return {attr: cls(**config[key]) for attr, (cls, key) in MODELS.items()}
-
-
-def forget_deferred(models) -> None:
-    """Drop the models' variables from Keras' list of variables awaiting initialization.
-
-    Keras initializes that list at the next `StatelessScope` exit; models abandoned
-    after an error (or already initialized here) must not be in it.
-    """
-    from keras.src.backend.common import global_state
-
-    ours = {id(v) for model in models for v in model.weights}
-    pending = global_state.get_global_attribute("uninitialized_variables") or []
-    pending[:] = [v for v in pending if id(v) not in ours]
-
-
-def initialize_deferred(models, pairs, workers: int = 1) -> None:
-    """Give deferred variables their values: `pairs` of (variable, zero-argument function
-    returning the value in the variable's layout and dtype).
-
-    The value functions (file reads, casts, transposes; all release the GIL) run in
-    `workers` threads a few tensors ahead of the variables they fill, so they overlap
-    the Python work of creating variables while at most a handful of converted tensors
-    wait in memory. One worker is the default: the backends' transposes are already
-    multi-threaded, and a second worker made a full SD 1.5 load slower on 2 cores
-    (4.1 s against 3.3 s).
-    """
-    models = list(models)
-    given = {id(variable) for variable, _ in pairs}
-    left = [v.path for m in models for v in m.weights if id(v) not in given]
-    try:
-        if left:  # a variable without a value would fail far from here, on first use
-            raise ValueError(f"{len(left)} variables would stay without values: {left[:4]}")
-        with ThreadPoolExecutor(workers) as pool:
-            pending = deque()
-            for variable, value in pairs:
-                pending.append((variable, pool.submit(value)))
-                if len(pending) > 2 * workers:
-                    _fill(*pending.popleft())
-            while pending:
-                _fill(*pending.popleft())
-    finally:
-        forget_deferred(models)
-
-
-def _fill(variable, future) -> None:
-    tensor = future.result()
-    # Keras calls a deferred variable's initializer once, with (shape, dtype).
-    variable._initializer = lambda shape, dtype=None: tensor
-    variable._deferred_initialize()
-
-
-def _moves_data(shape: tuple, permutation: tuple) -> bool:
-    """Whether the transpose reorders elements (TensorFlow returns a view when it only
-    moves dimensions of size 1, and a view of a scratch buffer must not escape)."""
-    order = [axis for axis in permutation if shape[axis] != 1]
-    return order != sorted(order)
-
-
-def to_keras_tensor(tensor, variable):
-    """`state_dict.torch_to_keras` producing a backend tensor of the variable's dtype."""
-    shape, permutation = torch_layout(tensor.shape, variable)
-    return convert_torch_tensor(tensor, shape, permutation, variable.dtype)
-
-
-def convert_torch_tensor(tensor, shape: tuple, permutation: tuple | None, dtype):
-    """A backend tensor of `dtype`: `tensor` viewed as `shape`, then transposed.
-
-    The transposes run in the backend, whose blocked, multi-threaded kernels are several
-    times faster than numpy's strided copy (most SD weights are transposed: every
-    convolution and linear layer). On TensorFlow/CPU a tensor that is transposed is read
-    into a reused buffer that the transpose reads in place, so its only new memory is
-    the result's own.
-
-    Example:
-    >>> t = LazyTensor(lambda: np.arange(6.0).reshape(2, 3), (2, 3), np.dtype("float64"))
-    >>> keras.ops.convert_to_numpy(convert_torch_tensor(t, (2, 3), (1, 0), "float32")).shape
-    (3, 2)
-    """
-    if (
-        permutation is not None
-        and isinstance(tensor, LazyTensor)
-        and _moves_data(shape, permutation)
-    ):
-        array = tensor.read(scratch=True).reshape(shape)
-        borrowed = backend.borrow_numpy(array)
-        if borrowed is not None:
-            return keras.ops.transpose(keras.ops.cast(borrowed, dtype), permutation)
-    value = keras.ops.convert_to_tensor(np.asarray(tensor).reshape(shape), dtype=dtype)
-    return value if permutation is None else keras.ops.transpose(value, permutation)
-
-
-_BLOCK = 64  # source rows per step of a blocked transpose (see transpose_into)
-
-
-def transpose_into(source: np.ndarray, out: np.ndarray, permutation: tuple | None) -> None:
-    """Write `source.transpose(permutation)` (or `source` itself, for None) into `out`,
-    cast to `out`'s dtype.
-
-    numpy copies a transposed view element by element along the output, fetching a new
-    cache line of the source for each; a block of source rows at a time keeps those
-    lines in cache (SD's large weights: 2.2-2.5 GB/s against numpy's 0.8-1.5 for a
-    whole-tensor copy, about TensorFlow's transpose kernel's speed). The copies release
-    the GIL, so threads run side by side; blocks of 64 rows rather than the fastest
-    single-thread 16 because every block takes the GIL back, and while the model is
-    being built that wait cost more than the copies saved (a full SD 1.5 load: 4.1-4.8 s
-    with 64 or 128 rows against 4.5-6.6 s with 16 or 32). PyTorch's [O, I] and
-    [O, I, kh, kw] layouts, the common cases, go block by block over O; any other
-    permutation is one numpy copy.
-
-    Example:
-    >>> out = np.empty((3, 2), "float32")
-    >>> transpose_into(np.arange(6.0).reshape(2, 3), out, (1, 0))
-    >>> out.tolist()
-    [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
-    """
-    if permutation is None:
-        np.copyto(out, source.reshape(out.shape))
-        return
-    if permutation == (2, 3, 1, 0) and out.flags.c_contiguous:  # as [O, I, k] -> [k, I, O]
-        o, i, kh, kw = source.shape
-        source, out, permutation = (
-            source.reshape(o, i, kh * kw),
-            out.reshape(kh * kw, i, o),
-            (2, 1, 0),
-        )
-    if permutation in ((1, 0), (2, 1, 0)):
-        for start in range(0, source.shape[0], _BLOCK):
-            out[..., start : start + _BLOCK] = source[start : start + _BLOCK].transpose(permutation)
-        return
-    np.copyto(out, source.transpose(permutation))
-
-
-def match_torch_state(
-    model, tensors: dict, source: str, prefix: str = "", ignore=(), convert=to_keras_tensor
-) -> list:
-    """Pair every variable of `model` with its PyTorch-layout tensor, read lazily.
-
-    The matching of `state_dict.load_state_dict`, but nothing is read here: the values
-    are produced later, one at a time, by `initialize_deferred`, as `convert(tensor,
-    variable)` (a `prefetch.Prefetch`'s `take` hands over values converted in advance).
-
-    Returns:
-        `[(variable, value function)]` for `initialize_deferred` (or `assign`).
-
-    Raises:
-        CheckpointError: naming the missing, unexpected and mis-shaped keys.
-    """
-    pairs, problems = match_state_dict(model, tensors, prefix, ignore)
-    if problems:
-        raise CheckpointError(
-            f"{source} does not match the {type(model).__name__} built for it: "
-            + "; ".join(problems)
-            + "."
-        )
-    return [(v, functools.partial(convert, t, v)) for v, t in pairs]
-
-
-def export_lazy(model, prefix: str = "") -> dict:
-    """`state_dict.export_state_dict` that reads each variable only when it is consumed."""
-    return {
-        prefix + name: LazyTensor(
-            lambda v=var: keras_to_torch(np.asarray(v.numpy()), v),
-            keras_to_torch(stand_in(var.shape, var.dtype), var).shape,
-            var.dtype,
-        )
-        for name, var in named_variables(model).items()
-    }
-
-
-__all__ = [
-    "LazyTensor",
-    "aligned_empty",
-    "build_models_deferred",
-    "convert_torch_tensor",
-    "export_lazy",
-    "forget_deferred",
-    "initialize_deferred",
-    "match_torch_state",
-    "paused_gc",
-    "read_safetensors",
-    "stand_in",
-    "to_keras_tensor",
-    "transpose_into",
-    "write_safetensors",
-]
