@@ -21,7 +21,7 @@ from keras_sd.models.vae import VAEDecoder, VAEEncoder
 from keras_sd.sampling import Sampler
 from keras_sd.schedulers import build_scheduler, get_scheduler
 from keras_sd.tokenizer import CLIPTokenizer
-from keras_sd.weights import bundle, checkpoint, hub, keras_cv
+from keras_sd.weights import checkpoint, hub, keras_cv
 
 
 class StableDiffusion:
@@ -110,7 +110,7 @@ class StableDiffusion:
         3
         """
         if name in presets.BUNDLED_PRESETS:
-            parts = bundle.bundle_kwargs(presets.bundled_preset_path(name), **kwargs)
+            parts = checkpoint.checkpoint_kwargs(presets.bundled_preset_path(name), **kwargs)
         else:
             parts = hub.preset_kwargs(name, **kwargs)
         return cls(jit_compile=jit_compile, **parts)

@@ -33,7 +33,6 @@ from keras_sd.models.vae import VAEDecoder, VAEEncoder  # noqa: E402
 from keras_sd.pipeline import StableDiffusion  # noqa: E402
 from keras_sd.shapes import checker, dataset  # noqa: E402
 from keras_sd.training import DiffusionTrainer, VAETrainer  # noqa: E402
-from keras_sd.weights.bundle import save_bundle  # noqa: E402
 
 IMAGE_SIZE = 64
 # Captions are 11 tokens with start and end; 16 positions leave room for "an", "."
@@ -288,7 +287,7 @@ def main(argv=None) -> dict:
         report.update(refine_decoder(sd.image_encoder, sd.decoder, args))
     report["train_seconds"] = time.perf_counter() - start
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    save_bundle(sd, args.out)
+    sd.save_checkpoint(args.out, layout="keras", dtype="float16")
     print(f"trained in {report['train_seconds']:.0f} s; saved {args.out}", flush=True)
 
     splits = {"train": dataset.train_combinations(), "held_out": list(dataset.HELD_OUT)}

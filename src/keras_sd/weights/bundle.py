@@ -1,88 +1,30 @@
-"""Single-file keras-sd bundles: every component's weights plus the model config.
+"""Reading the single-file "bundles" that earlier keras-sd versions wrote.
 
-One `.safetensors` file holds the diffusers-layout state dicts under the prefixes
-"unet.", "vae." and "text_encoder."; its metadata holds the model configuration (JSON,
-the `config` dict of `StableDiffusion`), the default image size and the tokenizer's
-added tokens. The bundled tiny-shapes model uses this format.
+keras-sd now has one single-file format of its own, the keras layout
+(`keras_sd.weights.native`, `save_checkpoint(path, layout="keras")`); this module only
+reads the older files. A bundle is a `.safetensors` file with the diffusers-layout state
+dicts under the prefixes "unet.", "vae." and "text_encoder." and the same metadata as
+the keras layout (format tag, model config, image size, added tokens).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from types import SimpleNamespace
 
 import keras
-import numpy as np
-from safetensors.numpy import save_file
 
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
-from keras_sd.weights.diffusers import export_components, load_components
+from keras_sd.weights.diffusers import load_components
+from keras_sd.weights.native import read_pipeline_metadata
 from keras_sd.weights.safetensors_io import read_safetensors
 
 FORMAT = "keras_sd.bundle"
 VERSION = "1"
 COMPONENT_PREFIXES = ("unet", "vae", "text_encoder")
 _DTYPES = ("float16", "bfloat16", "float32")
-
-
-def save_bundle(sd, path, dtype: str = "float16") -> None:
-    """Write all weights and the config of a `StableDiffusion` to one safetensors file.
-
-    Args:
-        sd: a `StableDiffusion`.
-        path: the file to write (conventionally `*.safetensors`).
-        dtype: storage precision of the weights, "float16" (half the size) or "float32".
-
-    Example:
-    >>> save_bundle(sd, "tiny-shapes.safetensors")  # doctest: +SKIP
-    """
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32'; received {dtype!r}.")
-    tensors = {}
-    for component, state in export_components(sd).items():
-        for key, value in state.items():
-            tensors[f"{component}.{key}"] = np.ascontiguousarray(value, dtype=dtype)
-    save_file(tensors, os.fspath(path), metadata=pipeline_metadata(sd, FORMAT, VERSION))
-
-
-def pipeline_metadata(sd, format_name: str, version: str) -> dict:
-    """The safetensors metadata that rebuilds `sd` around its weights: format tag and
-    version, model config (JSON), default image size and the tokenizer's added tokens.
-
-    Example:
-    >>> pipeline_metadata(sd, FORMAT, VERSION)["img_width"]  # doctest: +SKIP
-    '64'
-    """
-    config = dict(sd.config)
-    config["tokenizer"] = {k: v for k, v in config["tokenizer"].items() if k != "added_tokens"}
-    return {
-        "format": format_name,
-        "version": version,
-        "config": json.dumps(config),
-        "img_width": str(sd.img_width),
-        "img_height": str(sd.img_height),
-        "added_tokens": json.dumps(sd.tokenizer.added_tokens),
-    }
-
-
-def read_pipeline_metadata(metadata: dict) -> tuple[dict, int, int]:
-    """`(config, img_width, img_height)` from `pipeline_metadata`'s entries; the added
-    tokens go back into the tokenizer's config (only when there are any).
-
-    Example:
-    >>> entries = {"config": '{"tokenizer": {}}', "img_width": "64", "img_height": "32",
-    ...            "added_tokens": '["<cat-toy>"]'}
-    >>> read_pipeline_metadata(entries)
-    ({'tokenizer': {'added_tokens': ['<cat-toy>']}}, 64, 32)
-    """
-    config = json.loads(metadata["config"])
-    added = json.loads(metadata.get("added_tokens", "[]"))
-    if added:
-        config["tokenizer"]["added_tokens"] = added
-    return config, int(metadata["img_width"]), int(metadata["img_height"])
 
 
 def read_bundle(path) -> tuple[dict, dict]:
@@ -128,7 +70,7 @@ def is_bundle(path) -> bool:
 def bundle_kwargs(
     path, *, prediction_type: str | None = None, img_width=None, img_height=None
 ) -> dict:
-    """The `StableDiffusion(...)` arguments saved by `save_bundle`: config, image size
+    """The `StableDiffusion(...)` arguments of a bundle file: config, image size
     and components with the bundle's weights.
 
     Weights are cast to the variable dtype of the global Keras dtype policy (float32

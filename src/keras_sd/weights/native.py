@@ -26,6 +26,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
@@ -36,7 +37,6 @@ import numpy as np
 
 from keras_sd import backend
 from keras_sd.weights import deferred, safetensors_io
-from keras_sd.weights.bundle import pipeline_metadata, read_pipeline_metadata
 from keras_sd.weights.state_dict import CheckpointError, describe_problems, named_variables
 
 FORMAT = "keras_sd.keras_layout"
@@ -90,6 +90,43 @@ def save_keras_layout(sd, path, dtype: str | None = None) -> None:
             )
     metadata = pipeline_metadata(sd, FORMAT, VERSION)
     safetensors_io.write_safetensors(path, tensors, dtype, metadata, alignment=ALIGNMENT)
+
+
+def pipeline_metadata(sd, format_name: str, version: str) -> dict:
+    """The safetensors metadata that rebuilds `sd` around its weights: format tag and
+    version, model config (JSON), default image size and the tokenizer's added tokens.
+
+    Example:
+    >>> pipeline_metadata(sd, FORMAT, VERSION)["img_width"]  # doctest: +SKIP
+    '64'
+    """
+    config = dict(sd.config)
+    config["tokenizer"] = {k: v for k, v in config["tokenizer"].items() if k != "added_tokens"}
+    return {
+        "format": format_name,
+        "version": version,
+        "config": json.dumps(config),
+        "img_width": str(sd.img_width),
+        "img_height": str(sd.img_height),
+        "added_tokens": json.dumps(sd.tokenizer.added_tokens),
+    }
+
+
+def read_pipeline_metadata(metadata: dict) -> tuple[dict, int, int]:
+    """`(config, img_width, img_height)` from `pipeline_metadata`'s entries; the added
+    tokens go back into the tokenizer's config (only when there are any).
+
+    Example:
+    >>> entries = {"config": '{"tokenizer": {}}', "img_width": "64", "img_height": "32",
+    ...            "added_tokens": '["<cat-toy>"]'}
+    >>> read_pipeline_metadata(entries)
+    ({'tokenizer': {'added_tokens': ['<cat-toy>']}}, 64, 32)
+    """
+    config = json.loads(metadata["config"])
+    added = json.loads(metadata.get("added_tokens", "[]"))
+    if added:
+        config["tokenizer"]["added_tokens"] = added
+    return config, int(metadata["img_width"]), int(metadata["img_height"])
 
 
 def _mapped_values(path: str, tensors: dict):
