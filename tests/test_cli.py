@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_sd import cli
+from keras_sd import cli, utils
 
 
 def run_cli(capsys, *argv):
@@ -59,7 +59,7 @@ def test_existing_output_is_untouched_when_arguments_are_bad(capsys, tmp_path):
 
 def test_image_grid_places_each_image():
     images = np.stack([np.full((2, 3, 3), i, np.uint8) for i in range(1, 6)])
-    grid = cli.image_grid(images)
+    grid = utils.image_grid(images)
     assert grid.shape == (4, 9, 3)  # 3 columns, 2 rows of 2-pixel-high images
     assert grid[0, 0, 0] == 1 and grid[0, 3, 0] == 2 and grid[0, 6, 0] == 3
     assert grid[2, 0, 0] == 4 and grid[2, 3, 0] == 5 and grid[2, 6, 0] == 0
@@ -69,7 +69,7 @@ def test_save_image_is_atomic(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"old")
     with pytest.raises(TypeError):
-        cli.save_image(np.zeros((2, 2, 7), np.uint8), str(target))  # PIL cannot write 7 channels
+        utils.save_image(np.zeros((2, 2, 7), np.uint8), str(target))  # PIL cannot write 7 channels
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
@@ -79,7 +79,7 @@ def test_saved_image_has_a_new_files_permissions(tmp_path):
     target = tmp_path / "a.png"
     umask = os.umask(0o022)
     try:
-        cli.save_image(np.zeros((2, 2, 3), np.uint8), str(target))
+        utils.save_image(np.zeros((2, 2, 3), np.uint8), str(target))
     finally:
         os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
