@@ -11,6 +11,7 @@ encoding, `sample_mode="argmax"` in diffusers).
 
 import os
 import sys
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -307,6 +308,39 @@ def test_outpaint_keeps_the_image_and_paints_background_on_tiny_shapes(tiny_shap
     assert colours.count(RED_CIRCLE.background) >= 0.8 * COUNT, colours
 
 
+def test_prompt_lists_give_batch_size_images_per_prompt(tiny_shapes):
+    """text_to_image and image_to_image: a list of prompts (and of negative prompts)
+    gives `batch_size` images per prompt, in prompt order, each following its prompt."""
+    prompts = ["a yellow star on a black background", "a green circle on a blue background"]
+    run = partial(
+        tiny_shapes.text_to_image,
+        prompts,
+        batch_size=2,
+        num_steps=SHAPES_STEPS,
+        seed=0,
+        progress=False,
+    )
+    out = run()
+    assert out.shape == (4, 64, 64, 3)
+    wanted = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    assert sum(checker.check(image, p).ok for image, p in zip(out, wanted, strict=True)) >= 3
+    # A negative prompt per prompt: the first prompt's images change, the second's ("")
+    # are those of the empty default.
+    steered = run(negative_prompt=["a yellow star on a black background", ""])
+    assert np.abs(steered[:2].astype(int) - out[:2]).mean() > 5
+    np.testing.assert_allclose(steered[2:], out[2:], atol=1)
+    redrawn = tiny_shapes.image_to_image(
+        prompts[1:] + ["a yellow circle on a blue background"],
+        source_image(),  # one image serves both prompts
+        strength=0.75,
+        num_steps=SHAPES_STEPS,
+        seed=0,
+        progress=False,
+    )
+    assert redrawn.shape == (2, 64, 64, 3)
+    assert [checker.read(image).color for image in redrawn] == ["green", "yellow"]
+
+
 # --------------------------------------------------------------- compiled-loop reuse
 def test_new_prompt_seed_guidance_image_or_mask_does_not_retrace(reference):
     _, sd = reference
@@ -350,9 +384,9 @@ def _mask(shape=(64, 64)):
     [
         (
             "image_to_image",
-            {"image": np.zeros((66, 64, 3), np.uint8)},
+            {"image": np.zeros((68, 64, 3), np.uint8)},
             ValueError,
-            "image size 66x64 .* not a multiple of 4.* nearest valid size is 64x64",
+            "image size 68x64 .* not a multiple of 8.* nearest valid size is 64x64",
         ),
         (
             "image_to_image",

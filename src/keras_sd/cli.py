@@ -112,7 +112,7 @@ def _add_image_options(command, strength: float) -> None:
     command.add_argument(
         "--resize",
         action="store_true",
-        help="resize an image whose sides are not multiples of the VAE factor",
+        help="resize an image whose sides are not multiples of the model's size multiple",
     )
 
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_extend,
         required=True,
         metavar="TOP,RIGHT,BOTTOM,LEFT",
-        help="pixels to add per side, rounded up to multiples of the VAE factor",
+        help="pixels to add per side, rounded up to multiples of the model's size multiple",
     )
 
     conv = commands.add_parser(

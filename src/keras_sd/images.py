@@ -89,7 +89,7 @@ def fit_to_factor(array: np.ndarray, factor: int, resize: bool = False, name="im
     if not resize:
         raise ValueError(
             f"{name} size {height}x{width} (height x width) is not a multiple of {factor}, "
-            f"the VAE downsampling factor; the nearest valid size is {valid[0]}x{valid[1]}. "
+            f"the model's size multiple; the nearest valid size is {valid[0]}x{valid[1]}. "
             "Resize it, or pass resize=True."
         )
     resample = Image.Resampling.BILINEAR if array.shape[-1] == 1 else Image.Resampling.BICUBIC
@@ -336,7 +336,7 @@ def extend_canvas(images: np.ndarray, extend, factor: int):
         images: float32 `[B, H, W, 3]`.
         extend: `(top, right, bottom, left)` pixels, or one int for all four sides;
             each is rounded up to a multiple of `factor` so the canvas stays valid.
-        factor: the VAE factor.
+        factor: the model's `size_multiple`.
 
     Returns:
         `(canvas [B, H', W', 3], masks [B, H', W', 1] with 1 on the new border,

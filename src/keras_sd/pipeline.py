@@ -153,6 +153,14 @@ class StableDiffusion:
         return self.decoder.downsample_factor
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: `latent_factor` times the UNet's own
+        factor, since its skip connections need latent sides divisible by 2 per
+        downsampling (8 for tiny-shapes, 64 for SD 1.x/2.x; diffusers' UNet resizes
+        instead and takes multiples of 8)."""
+        return self.latent_factor * 2 ** (len(self.diffusion_model.block_out_channels) - 1)
+
+    @property
     def latent_channels(self) -> int:
         return self.decoder.latent_channels
 
@@ -387,7 +395,7 @@ class StableDiffusion:
             image: any input `keras_sd.images.read_images` reads (uint8 array, float
                 array with `value_range`, PIL image, path, list of them).
             value_range: the range of a float array's values: (0, 1), (-1, 1) or (0, 255).
-            resize: resize to the nearest multiple of the VAE factor instead of raising.
+            resize: resize to the nearest multiple of `size_multiple` instead of raising.
 
         Returns:
             float32 array [B, H / f, W / f, latent channels], f = `latent_factor`.
@@ -401,7 +409,7 @@ class StableDiffusion:
 
     def _load_images(self, image, value_range, resize):
         return images.load_images(
-            image, self.latent_factor, value_range=value_range, resize=resize, name="image"
+            image, self.size_multiple, value_range=value_range, resize=resize, name="image"
         )
 
     def _encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -460,8 +468,8 @@ class StableDiffusion:
             prompt: a string, or a list of strings (one output per prompt).
             image: uint8 `[H, W, 3]` / `[B, H, W, 3]`, a float array with `value_range`,
                 a PIL image, a path, or a list of PIL images or paths (see
-                `keras_sd.images.read_images`). H and W must be multiples of the VAE
-                factor (8 for SD) unless `resize=True`.
+                `keras_sd.images.read_images`). H and W must be multiples of
+                `size_multiple` unless `resize=True`.
             strength: in [0, 1]; the share of the denoising steps run.
             negative_prompt: a string, or one per prompt.
             batch_size: images per prompt (and image). Prompts and images pair up: a
@@ -472,7 +480,7 @@ class StableDiffusion:
             unconditional_guidance_scale: classifier-free guidance weight.
             seed: seed of the noise (numpy: the same on every backend).
             value_range: the range of a float array's values: (0, 1), (-1, 1), (0, 255).
-            resize: resize the image to the nearest multiple of the VAE factor.
+            resize: resize the image to the nearest multiple of `size_multiple`.
             diffusion_noise: the standard normal noise mixed into the image latents,
                 `[B, h, w, C]` or `[h, w, C]`, instead of `seed`'s.
             scheduler: overrides `self.scheduler` for this call.
@@ -482,10 +490,13 @@ class StableDiffusion:
             np.uint8 array [outputs * batch_size, H, W, 3].
 
         Example:
-        >>> sd = StableDiffusion(32, 32, config="tiny")
-        >>> image = np.zeros((32, 32, 3), np.uint8)
-        >>> sd.image_to_image("a red circle", image, strength=0.5, num_steps=4, seed=0).shape
-        (1, 32, 32, 3)
+        >>> sd = StableDiffusion.from_preset("tiny-shapes")  # doctest: +SKIP
+        >>> from keras_sd import shapes
+        >>> red = shapes.render(shapes.Combination("circle", "red", "blue"))  # uint8 [64, 64, 3]
+        >>> green = sd.image_to_image("a green circle on a blue background", red,
+        ...                           strength=0.75, seed=0)  # doctest: +SKIP
+        >>> shapes.read(green[0]).color  # doctest: +SKIP
+        'green'
         """
         _check_strength(strength)
         return self._edit(
@@ -563,8 +574,8 @@ class StableDiffusion:
         _check_strength(strength)
         pixels = images.read_images(image, value_range=value_range)
         masks = images.read_masks(mask, pixels.shape[1:3])
-        pixels = images.fit_to_factor(pixels, self.latent_factor, resize, "image")
-        masks = images.fit_to_factor(masks, self.latent_factor, resize, "mask")
+        pixels = images.fit_to_factor(pixels, self.size_multiple, resize, "image")
+        masks = images.fit_to_factor(masks, self.size_multiple, resize, "mask")
         return self._edit(
             prompt,
             pixels,
@@ -609,7 +620,7 @@ class StableDiffusion:
             prompt: a string, or a list of strings.
             image: as `image_to_image`.
             extend: `(top, right, bottom, left)` pixels to add, or one int for every
-                side; each is rounded up to a multiple of the VAE factor (8 for SD).
+                side; each is rounded up to a multiple of `size_multiple`.
             strength, keep_unmasked, ...: as `inpaint`; with `keep_unmasked` the
                 original pixels come back exactly.
 
@@ -617,14 +628,14 @@ class StableDiffusion:
             np.uint8 array [outputs * batch_size, top + H + bottom, left + W + right, 3].
 
         Example:
-        >>> sd = StableDiffusion(32, 32, config="tiny")
-        >>> image = np.zeros((32, 32, 3), np.uint8)
-        >>> sd.outpaint("a red circle", image, (0, 16, 0, 0), num_steps=2, seed=0).shape
-        (1, 32, 48, 3)
+        >>> sd = StableDiffusion.from_preset("tiny-shapes")  # doctest: +SKIP
+        >>> image = np.zeros((64, 64, 3), np.uint8)
+        >>> sd.outpaint("a black background", image, (0, 16, 0, 16)).shape  # doctest: +SKIP
+        (1, 64, 96, 3)
         """
         _check_strength(strength)
         pixels = self._load_images(image, value_range, resize)
-        canvas, masks, _ = images.extend_canvas(pixels, extend, self.latent_factor)
+        canvas, masks, _ = images.extend_canvas(pixels, extend, self.size_multiple)
         return self._edit(
             prompt,
             canvas,
