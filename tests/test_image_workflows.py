@@ -135,7 +135,7 @@ def test_image_to_image_matches_diffusers(monkeypatch, reference, strength):
         StableDiffusionImg2ImgPipeline,
         pipe,
         noise,
-        image=image[None].astype(np.float32) / 255.0,
+        image=np.stack([image] * BATCH).astype(np.float32) / 255.0,
         strength=strength,
     )
     ours = sd.image_to_image(
