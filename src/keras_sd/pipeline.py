@@ -481,8 +481,9 @@ class StableDiffusion:
             seed: seed of the noise (numpy: the same on every backend).
             value_range: the range of a float array's values: (0, 1), (-1, 1), (0, 255).
             resize: resize the image to the nearest multiple of `size_multiple`.
-            diffusion_noise: the standard normal noise mixed into the image latents,
-                `[B, h, w, C]` or `[h, w, C]`, instead of `seed`'s.
+            diffusion_noise: the standard normal noise mixed into the image latents
+                (for `inpaint` at strength 1, the starting latents), `[B, h, w, C]` or
+                `[h, w, C]`, instead of `seed`'s.
             scheduler: overrides `self.scheduler` for this call.
             progress: show a progress bar over the denoising steps.
 
@@ -703,10 +704,11 @@ class StableDiffusion:
         if takes_mask:
             model_masks = np.ones_like(pixels[..., :1]) if masks is None else masks
             # diffusers blanks (to 0 in [-1, 1]) the pixels repainted by more than half.
-            blanked = np.where(model_masks < 0.5, pixels, np.float32(0.5))
+            # Rows come in runs of batch_size equal ones: encode one of each.
+            blanked = np.where(model_masks < 0.5, pixels, np.float32(0.5))[::batch_size]
             inpaint = {
                 "mask": images.latent_mask(model_masks, self.latent_factor),
-                "masked_image_latents": self._encode_pixels(blanked),
+                "masked_image_latents": np.repeat(self._encode_pixels(blanked), batch_size, axis=0),
             }
         elif masks is not None:
             inpaint = {
