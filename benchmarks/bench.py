@@ -3,6 +3,7 @@
     python benchmarks/bench.py --sizes 256 512 --steps 3 --precision float32 bfloat16
     python benchmarks/bench.py --tiny --sizes 64 --steps 1     # smoke run, a few minutes
     python benchmarks/bench.py --gpu                           # 512 px, 50 DDIM steps, fp16
+    python benchmarks/bench.py --img2img --runtimes keras-sd-tf diffusers  # + image_to_image
 
 One shared set of seeded random SD 1.5 weights is written once as a diffusers
 folder (cached); keras-sd (TensorFlow and JAX backends) and diffusers load it, and
@@ -171,6 +172,15 @@ def parse_args(argv=None):
         "spreads each variant's samples over the run on a busy machine",
     )
     p.add_argument("--t2i-repeats", type=int, default=1, help="warm text_to_image calls timed")
+    p.add_argument(
+        "--img2img",
+        action="store_true",
+        help="also time image_to_image (keras-sd) and StableDiffusionImg2ImgPipeline "
+        "(diffusers) on a fixed image, as many warm calls as --t2i-repeats",
+    )
+    p.add_argument(
+        "--strength", type=float, default=0.5, help="image_to_image strength (--img2img)"
+    )
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -374,6 +384,8 @@ def best_of_rounds(rows: list) -> list:
         r["loop_step_s"] = (r["t2i_s"] - r["decode_s"] - r["encode_s"]) / r["steps"]
         r["image_s"] = r["t2i_s"] / r["batch"]
         r["compile_s"] = r["t2i_first_s"] - r["t2i_s"]
+        if r.get("i2i_s") is not None:
+            r["i2i_image_s"] = r["i2i_s"] / r["batch"]
     return list(merged.values())
 
 
@@ -557,6 +569,7 @@ def main(argv=None) -> int:
                 "guidance": args.guidance,
                 "seed": args.seed,
                 "half_batch": variant.get("half_batch", True),
+                "img2img_strength": args.strength if args.img2img else None,
             }
             got, error = run_worker(spec, out_dir, args.timeout, variant.get("backend"))
             rows += [{**r, "precision": variant["precision"]} for r in got]

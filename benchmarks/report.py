@@ -105,6 +105,9 @@ COLUMNS = (
 
 def table(rows: list) -> str:
     columns = list(COLUMNS)
+    if any("i2i_s" in r for r in rows):
+        columns.insert(10, ("img2img s/image", lambda r: fmt(r.get("i2i_image_s"))))
+        columns.insert(11, ("first img2img s", lambda r: fmt(r.get("i2i_first_s"))))
     if any("gpu_peak_gb" in r for r in rows):
         columns.append(("GPU peak GB", lambda r: fmt(r.get("gpu_peak_gb"))))
         columns.append(("GPU peak before case GB", lambda r: fmt(r.get("gpu_peak_before_gb"))))
@@ -135,8 +138,9 @@ def ratio_table(rows: list) -> str:
     """
     peers = [(label, belongs) for label, belongs in PEERS
              if "compile" not in label or any(belongs(r["name"]) for r in rows)]  # fmt: skip
+    ratios = RATIOS + ((("i2i_image_s", "img2img"),) if any("i2i_s" in r for r in rows) else ())
     head = ["size", "batch", "precision", "keras-sd backend"]
-    head += [f"{label}/keras-sd {what}" for label, _ in peers for _, what in RATIOS]
+    head += [f"{label}/keras-sd {what}" for label, _ in peers for _, what in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def best(case, belongs, key):
@@ -147,12 +151,12 @@ def ratio_table(rows: list) -> str:
     for case in sorted({(r["size"], r["batch"], r["precision"]) for r in rows}):
         for backend in ("tf", "jax"):
             mine = methodcaller("startswith", f"keras-sd/{backend}/")
-            ours = {key: best(case, mine, key) for key, _ in RATIOS}
+            ours = {key: best(case, mine, key) for key, _ in ratios}
             if ours["unet_s"] is None:
                 continue
             cells = [*case, backend]
             for _, belongs in peers:
-                for key, _ in RATIOS:
+                for key, _ in ratios:
                     theirs = best(case, belongs, key)
                     cells.append(fmt(theirs / ours[key]) if theirs and ours[key] else "-")
             lines.append("| " + " | ".join(map(str, cells)) + " |")

@@ -103,13 +103,22 @@ def noise(seed: int, shape) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
+def input_image(size: int) -> np.ndarray:
+    """The image_to_image input of every worker: a smooth uint8 [size, size, 3] gradient
+    (not noise, which no VAE reproduces)."""
+    ramp = np.linspace(0.0, 255.0, size, dtype=np.float32)
+    red, green = np.meshgrid(ramp, ramp[::-1])
+    return np.stack([red, green, np.full_like(red, 128.0)], axis=-1).astype(np.uint8)
+
+
 def measure(spec, case, calls, monitor) -> dict:
     """Time one case's four blocking callables and return its result row.
 
     Args:
         calls: {"unet": `unet(n)` one UNet call on the first n of 2B inputs, "t2i":
             text_to_image returning uint8 images, "encode": the prompt and the negative
-            prompt encoded, "decode": the VAE decoder on B latents}, each a named
+            prompt encoded, "decode": the VAE decoder on B latents, and with --img2img
+            "i2i": image_to_image of `input_image` at the spec's strength}, each a named
             function bound to the case's inputs with `partial`.
     """
     monitor.reset()
@@ -119,6 +128,7 @@ def measure(spec, case, calls, monitor) -> dict:
     # of one. Not for torch.compile: a new shape is another compilation of a minute or more.
     half = timed(partial(calls["unet"], batch), spec["repeats"]) if spec["half_batch"] else None
     t2i = timed(calls["t2i"], spec["t2i_repeats"])
+    i2i = timed(calls["i2i"], spec["t2i_repeats"]) if "i2i" in calls else None
     encode = timed(calls["encode"], 3)
     decode = timed(calls["decode"], 2)
     # Best of the warm repeats: on a shared machine other processes only ever add time.
@@ -129,7 +139,7 @@ def measure(spec, case, calls, monitor) -> dict:
     encode_s, decode_s = best["encode"][0], best["decode"][0]
     path = os.path.join(spec["out_dir"], f"{spec['name'].replace('/', '_')}-{case['id']}.npy")
     np.save(path, t2i[2])
-    return {
+    row = {
         **case,
         "name": spec["name"],
         "steps": steps,
@@ -158,6 +168,16 @@ def measure(spec, case, calls, monitor) -> dict:
         "max_rss_gb": max_rss() / GIB,
         "loadavg": os.getloadavg()[0],
     }
+    if i2i:
+        i2i_warm = min(run[0] for run in i2i[1]) if i2i[1] else i2i[0]
+        row.update(
+            i2i_first_s=i2i[0],
+            i2i_s=i2i_warm,
+            i2i_all_s=[run[0] for run in i2i[1]],
+            i2i_image_s=i2i_warm / batch,
+            i2i_strength=spec["img2img_strength"],
+        )
+    return row
 
 
 def gpu_memory(framework: str):
@@ -253,6 +273,20 @@ def keras_sd_t2i(sd, latents, size: int, batch: int, steps: int, guidance: float
     )
 
 
+def keras_sd_i2i(sd, image, latents, batch: int, steps: int, guidance: float, strength: float):
+    """keras-sd's `image_to_image` with fixed noise; uint8 images."""
+    return sd.image_to_image(
+        PROMPT,
+        image,
+        strength=strength,
+        batch_size=batch,
+        num_steps=steps,
+        unconditional_guidance_scale=guidance,
+        diffusion_noise=latents,
+        progress=False,
+    )
+
+
 def keras_sd_encode(sd) -> list:
     """The prompt and the negative prompt encoded, as numpy arrays."""
     from keras import ops
@@ -271,12 +305,16 @@ def keras_sd_calls(sd, unet_fn, state, spec, case) -> dict:
     ctx_shape = (2 * batch, sd.tokenizer.max_length, sd.text_encoder.hidden_dim)
     ctx = ops.convert_to_tensor(noise(2, ctx_shape))
     latents = noise(spec["seed"], (batch, h, h, channels))
-    return {
+    calls = {
         "unet": partial(keras_sd_unet, unet_fn, state, x, t, ctx),
         "t2i": partial(keras_sd_t2i, sd, latents, size, batch, spec["steps"], spec["guidance"]),
         "encode": partial(keras_sd_encode, sd),
         "decode": partial(sd.decode_latents, latents),
     }
+    if spec.get("img2img_strength") is not None:
+        i2i_args = (batch, spec["steps"], spec["guidance"], spec["img2img_strength"])
+        calls["i2i"] = partial(keras_sd_i2i, sd, input_image(size), latents, *i2i_args)
+    return calls
 
 
 def run_keras_sd(spec, emit, monitor):
@@ -363,6 +401,25 @@ def diffusers_t2i(pipe, latents, size, batch, steps, guidance, device, dtype) ->
         return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def diffusers_i2i(pipe, image, batch, steps, guidance, strength, device) -> np.ndarray:
+    """diffusers' StableDiffusionImg2ImgPipeline (its generator draws the noise);
+    uint8 images like keras-sd's."""
+    import torch
+
+    with torch.inference_mode():
+        out = pipe(
+            PROMPT,
+            image=image[None].astype(np.float32) / 255.0,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=batch,
+            generator=torch.Generator(device).manual_seed(0),
+            output_type="np",
+        ).images
+        return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def diffusers_encode(pipe, device: str):
     """The prompt and the negative prompt encoded (classifier-free guidance on)."""
     import torch
@@ -383,7 +440,7 @@ def diffusers_decode(vae, latents, device: str, dtype):
         return out
 
 
-def diffusers_calls(pipe, device: str, dtype, spec, case) -> dict:
+def diffusers_calls(pipe, i2i_pipe, device: str, dtype, spec, case) -> dict:
     """diffusers' four timed callables on one case's inputs (see `measure`)."""
     import torch
 
@@ -400,17 +457,21 @@ def diffusers_calls(pipe, device: str, dtype, spec, case) -> dict:
         t = torch.tensor(UNET_TIMESTEP, device=device)
     latents = noise(spec["seed"], (batch, h, h, channels))
     t2i_args = (size, batch, spec["steps"], spec["guidance"], device, dtype)
-    return {
+    calls = {
         "unet": partial(diffusers_unet, unet, x, t, ctx),
         "t2i": partial(diffusers_t2i, pipe, latents, *t2i_args),
         "encode": partial(diffusers_encode, pipe, device),
         "decode": partial(diffusers_decode, pipe.vae, latents, device, dtype),
     }
+    if i2i_pipe is not None:
+        i2i_args = (batch, spec["steps"], spec["guidance"], spec["img2img_strength"], device)
+        calls["i2i"] = partial(diffusers_i2i, i2i_pipe, input_image(size), *i2i_args)
+    return calls
 
 
 def run_diffusers(spec, emit, monitor):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     dtype = getattr(torch, spec["dtype"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -423,7 +484,11 @@ def run_diffusers(spec, emit, monitor):
         pipe.unet = torch.compile(pipe.unet)
     # diffusers builds and loads in one call; it is reported as load time.
     setup = {"import_s": t0 - START, "build_s": 0.0, "load_s": time.perf_counter() - t0}
-    make_calls = partial(diffusers_calls, pipe, device, dtype, spec)
+    i2i_pipe = None
+    if spec.get("img2img_strength") is not None:  # the same components, loaded once
+        i2i_pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        i2i_pipe.set_progress_bar_config(disable=True)
+    make_calls = partial(diffusers_calls, pipe, i2i_pipe, device, dtype, spec)
     run_cases(spec, emit, monitor, setup, make_calls, "torch")
 
 

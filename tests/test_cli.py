@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_sd import cli
+from keras_sd import cli, utils
 
 
 def run_cli(capsys, *argv):
@@ -59,7 +59,7 @@ def test_existing_output_is_untouched_when_arguments_are_bad(capsys, tmp_path):
 
 def test_image_grid_places_each_image():
     images = np.stack([np.full((2, 3, 3), i, np.uint8) for i in range(1, 6)])
-    grid = cli.image_grid(images)
+    grid = utils.image_grid(images)
     assert grid.shape == (4, 9, 3)  # 3 columns, 2 rows of 2-pixel-high images
     assert grid[0, 0, 0] == 1 and grid[0, 3, 0] == 2 and grid[0, 6, 0] == 3
     assert grid[2, 0, 0] == 4 and grid[2, 3, 0] == 5 and grid[2, 6, 0] == 0
@@ -69,7 +69,7 @@ def test_save_image_is_atomic(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"old")
     with pytest.raises(TypeError):
-        cli.save_image(np.zeros((2, 2, 7), np.uint8), str(target))  # PIL cannot write 7 channels
+        utils.save_image(np.zeros((2, 2, 7), np.uint8), str(target))  # PIL cannot write 7 channels
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
@@ -79,7 +79,7 @@ def test_saved_image_has_a_new_files_permissions(tmp_path):
     target = tmp_path / "a.png"
     umask = os.umask(0o022)
     try:
-        cli.save_image(np.zeros((2, 2, 3), np.uint8), str(target))
+        utils.save_image(np.zeros((2, 2, 3), np.uint8), str(target))
     finally:
         os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
@@ -168,3 +168,97 @@ def test_cli_offers_every_checkpoint_layout():
     from keras_sd.weights.checkpoint import LAYOUTS
 
     assert cli.LAYOUTS == LAYOUTS
+
+
+# ------------------------------------------------------------ img2img, inpaint, outpaint
+@pytest.fixture(scope="module")
+def shape_files(tmp_path_factory):
+    """A tiny-shapes render, a mask for it and a mask of another size, as PNG files."""
+    from keras_sd.shapes import dataset
+
+    folder = tmp_path_factory.mktemp("inputs")
+    image = dataset.render(dataset.Combination("circle", "red", "blue"))
+    Image.fromarray(image).save(folder / "image.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[12:52, 12:52] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.fromarray(mask[:32, :32]).save(folder / "small_mask.png")
+    Image.fromarray(image[:60]).save(folder / "odd.png")
+    return folder, image, mask
+
+
+IMAGE_COMMANDS = {
+    "img2img": ["--strength", "0.6"],
+    "inpaint": ["--mask", "MASK"],
+    "outpaint": ["--extend", "0,16,0,16"],
+}
+
+
+@pytest.mark.parametrize(
+    "command, argv, needle",
+    [
+        ("img2img", ["--strength", "1.5"], "--strength must be in [0, 1], got 1.5"),
+        ("img2img", ["--strength", "most"], "--strength must be a number"),
+        ("img2img", ["--image", "/no/such.png"], "--image: cannot read an image from"),
+        ("img2img", ["--image", "ODD"], "image size 60x64 (height x width) is not a multiple"),
+        ("inpaint", ["--mask", "/no/such.png"], "--mask: cannot read an image from"),
+        ("inpaint", ["--mask", "SMALL"], "--mask size 32x32 does not match the image's 64x64"),
+        ("outpaint", ["--extend", "0,16,0"], "--extend must be TOP,RIGHT,BOTTOM,LEFT"),
+        ("outpaint", ["--extend", "0,-8,0,0"], "--extend must be TOP,RIGHT,BOTTOM,LEFT"),
+        ("outpaint", ["--extend", "0"], "extend must grow at least one side"),
+    ],
+)
+def test_image_commands_bad_arguments(capsys, tmp_path, shape_files, command, argv, needle):
+    folder = shape_files[0]
+    files = {"MASK": "mask.png", "SMALL": "small_mask.png", "ODD": "odd.png"}
+    defaults = [*IMAGE_COMMANDS[command], "--image", str(folder / "image.png")]
+    argv = [str(folder / files[a]) if a in files else a for a in defaults + argv]
+    out = tmp_path / "out.png"
+    status, _, err = run_cli(
+        capsys,
+        command,
+        "a red circle on a blue background",
+        *argv,
+        "-o",
+        str(out),
+        "--steps",
+        "2",
+        "--no-compile-cache",
+    )
+    assert status == 2 and needle in err and "Traceback" not in err, err
+    assert "error: " in err.strip().splitlines()[-1], err
+    assert not out.exists()
+
+
+def test_image_commands_write_their_images(capsys, tmp_path, shape_files):
+    folder, image, mask = shape_files
+    expected = {"img2img": (64, 64), "inpaint": (64, 64), "outpaint": (64, 96)}
+    for command, size in expected.items():
+        out = tmp_path / f"{command}.png"
+        argv = [str(folder / "mask.png") if a == "MASK" else a for a in IMAGE_COMMANDS[command]]
+        status, stdout, err = run_cli(
+            capsys,
+            command,
+            "a green circle on a blue background",
+            "--image",
+            str(folder / "image.png"),
+            *argv,
+            "-o",
+            str(out),
+            "--steps",
+            "3",
+            "--seed",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-compile-cache",
+        )
+        assert status == 0, err
+        assert f"wrote {out} (2 images)" in stdout
+        grid = np.asarray(Image.open(out))
+        assert grid.shape == (size[0], 2 * size[1], 3)  # two images side by side
+        if command == "inpaint":
+            keep = mask == 0
+            np.testing.assert_array_equal(grid[:, :64][keep], image[keep])
+        if command == "outpaint":
+            np.testing.assert_array_equal(grid[:, 16:80], image)

@@ -79,8 +79,8 @@ def test_bad_arguments_name_the_argument(sd, kwargs, needle):
 
 
 def test_prompt_type_error(sd):
-    with pytest.raises(TypeError, match="prompt must be a string"):
-        sd.text_to_image(["a", "b"])
+    with pytest.raises(TypeError, match="prompt must be a string or a non-empty list"):
+        sd.text_to_image(3)
 
 
 @pytest.mark.parametrize("num_steps", [1, 5])

@@ -1,6 +1,9 @@
 """The `keras-sd` command line.
 
     keras-sd generate "a red circle on a blue background" -o circle.png
+    keras-sd img2img "a green circle on a blue background" --image circle.png --strength 0.6
+    keras-sd inpaint "a yellow square on a blue background" --image circle.png --mask mask.png
+    keras-sd outpaint "a red circle on a blue background" --image circle.png --extend 0,16,0,16
     keras-sd convert v1-5-pruned-emaonly.ckpt sd15.safetensors --dtype float16
 
 With neither `--preset` nor `--checkpoint` it uses the bundled `tiny-shapes`
@@ -13,12 +16,11 @@ it asks TensorFlow to pool host memory (`keras_sd.backend.use_pooled_host_memory
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import secrets
 import sys
 
-import numpy as np
+from keras_sd import images
+from keras_sd.utils import save_images
 
 DEFAULT_PRESET = "tiny-shapes"
 SCHEDULERS = ("ddim",)
@@ -43,30 +45,52 @@ def _positive_int(name):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keras-sd", description="Stable Diffusion in Keras 3.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="text to image")
-    gen.add_argument("prompt", help="what to draw")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG path (a grid for batches)")
-    gen.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    gen.add_argument("--steps", type=_positive_int("--steps"), default=None, help="denoising steps")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
-    gen.add_argument("--seed", type=int, default=None, help="seed of the starting noise")
-    gen.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1)
-    gen.add_argument("--width", type=_positive_int("--width"), default=None, help="pixels")
-    gen.add_argument("--height", type=_positive_int("--height"), default=None, help="pixels")
-    source = gen.add_mutually_exclusive_group()
+def _strength(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--strength must be a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--strength must be in [0, 1], got {value}")
+    return value
+
+
+def _extend(text):
+    try:
+        sides = [int(part) for part in text.split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) == 1:
+        sides *= 4
+    if len(sides) != 4 or min(sides) < 0:
+        raise argparse.ArgumentTypeError(
+            f"--extend must be TOP,RIGHT,BOTTOM,LEFT pixels (or one number), got {text!r}"
+        )
+    return tuple(sides)
+
+
+def _add_sampling_options(command) -> None:
+    """The options every image-making command shares."""
+    command.add_argument("prompt", help="what to draw")
+    command.add_argument("-o", "--output", default="out.png", help="PNG path (a grid for batches)")
+    command.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    command.add_argument(
+        "--steps", type=_positive_int("--steps"), default=None, help="denoising steps"
+    )
+    command.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    command.add_argument("--seed", type=int, default=None, help="seed of the noise")
+    command.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1)
+    source = command.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None, help=f"named model (default {DEFAULT_PRESET})")
     source.add_argument("--checkpoint", default=None, help="checkpoint file or diffusers folder")
-    gen.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    gen.add_argument(
+    command.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    command.add_argument(
         "--jit-compile",
         choices=tuple(JIT_CHOICES),
         default="auto",
         help="XLA for the sampling loop: auto (by device, precision and model size), true, false",
     )
-    cache = gen.add_mutually_exclusive_group()
+    cache = command.add_mutually_exclusive_group()
     cache.add_argument(
         "--compile-cache",
         default=None,
@@ -76,6 +100,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument(
         "--no-compile-cache", action="store_true", help="compile afresh, store nothing"
+    )
+
+
+def _add_image_options(command, strength: float) -> None:
+    command.add_argument("--image", required=True, help="input image file (RGB, RGBA or grey)")
+    command.add_argument(
+        "--strength",
+        type=_strength,
+        default=strength,
+        help=f"share of the denoising steps run, in [0, 1] (default {strength})",
+    )
+    command.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize an image whose sides are not multiples of the model's size multiple",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keras-sd", description="Stable Diffusion in Keras 3.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="text to image")
+    _add_sampling_options(gen)
+    gen.add_argument("--width", type=_positive_int("--width"), default=None, help="pixels")
+    gen.add_argument("--height", type=_positive_int("--height"), default=None, help="pixels")
+    img2img = commands.add_parser("img2img", help="redraw an image from a prompt")
+    _add_sampling_options(img2img)
+    _add_image_options(img2img, strength=0.8)
+    inpaint = commands.add_parser("inpaint", help="repaint the masked part of an image")
+    _add_sampling_options(inpaint)
+    _add_image_options(inpaint, strength=1.0)
+    inpaint.add_argument(
+        "--mask", required=True, help="mask image file, white where the image is repainted"
+    )
+    outpaint = commands.add_parser("outpaint", help="grow an image and paint the new border")
+    _add_sampling_options(outpaint)
+    _add_image_options(outpaint, strength=1.0)
+    outpaint.add_argument(
+        "--extend",
+        type=_extend,
+        required=True,
+        metavar="TOP,RIGHT,BOTTOM,LEFT",
+        help="pixels to add per side, rounded up to multiples of the model's size multiple",
     )
 
     conv = commands.add_parser(
@@ -114,40 +181,6 @@ def _check_output(path: str) -> None:
         raise UsageError(f"--output {path!r} is not writable")
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """Tile a batch [B, H, W, 3] into one image, as square as possible.
-
-    Example:
-    >>> image_grid(np.zeros((3, 4, 5, 3), np.uint8)).shape
-    (8, 10, 3)
-    """
-    count, height, width, channels = images.shape
-    cols = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / cols)
-    grid = np.zeros((rows * height, cols * width, channels), images.dtype)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
-    return grid
-
-
-def save_image(image: np.ndarray, path: str) -> None:
-    """Write atomically: a failed write never leaves a half-written file at `path`.
-    The file gets the permissions of any new file (the umask's; `tempfile.mkstemp`
-    would make it readable by its owner only)."""
-    from PIL import Image
-
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{os.path.splitext(name)[1]}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        Image.fromarray(image).save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _load_model(args):
     from keras_sd import StableDiffusion
 
@@ -159,7 +192,8 @@ def _load_model(args):
     return StableDiffusion.from_preset(args.preset or DEFAULT_PRESET, jit_compile=jit)
 
 
-def generate(args) -> int:
+def _prepare(args):
+    """Check the arguments that need no model, then load it (raises UsageError)."""
     _check_output(args.output)
     from keras_sd import backend, presets
 
@@ -168,8 +202,31 @@ def generate(args) -> int:
         raise UsageError(f"unknown --preset {preset!r}; choose one of {presets.preset_names()}")
     backend.use_pooled_host_memory()  # before any tensor exists, as is the cache
     if not args.no_compile_cache:
-        backend.enable_compile_cache(args.compile_cache)
-    sd = _load_model(args)
+        backend.enable_compile_cache(args.compile_cache)  # before any tensor exists
+    return _load_model(args)
+
+
+def _sampling_kwargs(args, sd) -> dict:
+    defaults = sd.defaults
+    return {
+        "negative_prompt": args.negative_prompt,
+        "batch_size": args.batch_size,
+        "num_steps": args.steps or defaults["num_steps"],
+        "unconditional_guidance_scale": (
+            defaults["guidance_scale"] if args.guidance is None else args.guidance
+        ),
+        "seed": args.seed,
+    }
+
+
+def _write(result, args) -> int:
+    save_images(result, args.output)
+    print(f"wrote {args.output} ({len(result)} image{'s' * (len(result) > 1)})")
+    return 0
+
+
+def generate(args) -> int:
+    sd = _prepare(args)
     kwargs = {"width": args.width, "height": args.height}
     for name in ("width", "height"):
         value = kwargs[name]
@@ -177,21 +234,60 @@ def generate(args) -> int:
             raise UsageError(
                 f"--{name} must be a multiple of {sd.latent_factor} for this model; got {value}"
             )
-    defaults = sd.defaults
-    images = sd.text_to_image(
+    return _write(sd.text_to_image(args.prompt, **_sampling_kwargs(args, sd), **kwargs), args)
+
+
+def _read_inputs(args):
+    """The --image (and --mask) files, read before any model loads so that a bad file
+    fails at once: float [B, H, W, 3] in [0, 1] (and the masks)."""
+    pixels = images.read_images(args.image, name="--image")
+    if getattr(args, "mask", None) is None:
+        return pixels, None
+    return pixels, images.read_masks(args.mask, pixels.shape[1:3], name="--mask")
+
+
+def img2img(args) -> int:
+    pixels, _ = _read_inputs(args)
+    sd = _prepare(args)
+    result = sd.image_to_image(
         args.prompt,
-        negative_prompt=args.negative_prompt,
-        batch_size=args.batch_size,
-        num_steps=args.steps or defaults["num_steps"],
-        unconditional_guidance_scale=(
-            defaults["guidance_scale"] if args.guidance is None else args.guidance
-        ),
-        seed=args.seed,
-        **kwargs,
+        pixels,
+        strength=args.strength,
+        value_range=(0, 1),
+        resize=args.resize,
+        **_sampling_kwargs(args, sd),
     )
-    save_image(image_grid(images) if len(images) > 1 else images[0], args.output)
-    print(f"wrote {args.output} ({len(images)} image{'s' * (len(images) > 1)})")
-    return 0
+    return _write(result, args)
+
+
+def inpaint(args) -> int:
+    pixels, masks = _read_inputs(args)
+    sd = _prepare(args)
+    result = sd.inpaint(
+        args.prompt,
+        pixels,
+        masks,
+        strength=args.strength,
+        value_range=(0, 1),
+        resize=args.resize,
+        **_sampling_kwargs(args, sd),
+    )
+    return _write(result, args)
+
+
+def outpaint(args) -> int:
+    pixels, _ = _read_inputs(args)
+    sd = _prepare(args)
+    result = sd.outpaint(
+        args.prompt,
+        pixels,
+        args.extend,
+        strength=args.strength,
+        value_range=(0, 1),
+        resize=args.resize,
+        **_sampling_kwargs(args, sd),
+    )
+    return _write(result, args)
 
 
 def convert(args) -> int:
@@ -221,7 +317,13 @@ def convert(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": generate, "convert": convert}
+COMMANDS = {
+    "generate": generate,
+    "img2img": img2img,
+    "inpaint": inpaint,
+    "outpaint": outpaint,
+    "convert": convert,
+}
 
 
 def main(argv=None) -> int:

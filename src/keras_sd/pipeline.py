@@ -1,4 +1,5 @@
-"""`StableDiffusion`: the user-facing text-to-image class.
+"""`StableDiffusion`: the user-facing class (text-to-image here; the image workflows
+in `keras_sd.workflows`).
 
 Thin by design: validate -> tokenize -> encode -> compiled denoising loop ->
 decode -> uint8. The model math lives in `keras_sd.models`, the loop in
@@ -14,7 +15,7 @@ import numpy as np
 from keras import ops
 from tqdm.auto import tqdm
 
-from keras_sd import backend, presets
+from keras_sd import arguments, backend, presets
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
@@ -22,9 +23,10 @@ from keras_sd.sampling import Sampler
 from keras_sd.schedulers import build_scheduler, get_scheduler
 from keras_sd.tokenizer import CLIPTokenizer
 from keras_sd.weights import checkpoint, hub, keras_cv
+from keras_sd.workflows import ImageWorkflows
 
 
-class StableDiffusion:
+class StableDiffusion(ImageWorkflows):
     """Stable Diffusion 1.x / 2.x text-to-image in Keras 3.
 
     The constructor builds the architecture named by `config` with random
@@ -203,6 +205,14 @@ class StableDiffusion:
         return self.decoder.downsample_factor
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: `latent_factor` times the UNet's own
+        factor, since its skip connections need latent sides divisible by 2 per
+        downsampling (8 for tiny-shapes, 64 for SD 1.x/2.x; diffusers' UNet resizes
+        instead and takes multiples of 8)."""
+        return self.latent_factor * 2 ** (len(self.diffusion_model.block_out_channels) - 1)
+
+    @property
     def latent_channels(self) -> int:
         return self.decoder.latent_channels
 
@@ -273,7 +283,8 @@ class StableDiffusion:
         Args:
             encoded_text: output of `encode_text`, [1, L, D] (repeated to
                 `batch_size`) or [batch_size, L, D].
-            negative_prompt: text to steer away from; None uses the empty prompt.
+            negative_prompt: text to steer away from, one string or one per image;
+                None uses the empty prompt.
             batch_size: number of images.
             num_steps: denoising steps.
             unconditional_guidance_scale: classifier-free guidance weight; 1 turns
@@ -299,22 +310,14 @@ class StableDiffusion:
         height = self.img_height if height is None else height
         self._validate_size("width", width)
         self._validate_size("height", height)
-        _validate_positive_int("batch_size", batch_size)
-        _validate_positive_int("num_steps", num_steps)
-        if isinstance(unconditional_guidance_scale, bool) or not isinstance(
-            unconditional_guidance_scale, numbers.Real
-        ):
-            raise TypeError(
-                "unconditional_guidance_scale must be a number; "
-                f"received {unconditional_guidance_scale!r}."
-            )
-        if diffusion_noise is not None and seed is not None:
-            raise ValueError("Pass either diffusion_noise or seed, not both.")
+        arguments.check_sampling_args(
+            batch_size, num_steps, unconditional_guidance_scale, seed, diffusion_noise
+        )
         scheduler = self.scheduler if scheduler is None else self._get_scheduler(scheduler)
-        context = _expand_batch(encoded_text, batch_size, "encoded_text")
+        context = arguments.expand_batch(encoded_text, batch_size, "encoded_text")
         uncond = None
         if unconditional_guidance_scale > 1.0:
-            uncond = _expand_batch(
+            uncond = arguments.expand_batch(
                 self.encode_text(negative_prompt or ""), batch_size, "negative_prompt"
             )
         latent_shape = (
@@ -323,35 +326,58 @@ class StableDiffusion:
             width // self.latent_factor,
             self.latent_channels,
         )
+        latents = arguments.noise_like(latent_shape, seed, diffusion_noise)
         if diffusion_noise is None:
-            rng = np.random.default_rng(seed)
-            latents = rng.standard_normal(latent_shape, dtype=np.float32)
             latents *= scheduler.init_noise_sigma
-        else:
-            latents = _expand_batch(diffusion_noise, batch_size, "diffusion_noise", rank=4)
-            if tuple(latents.shape) != latent_shape:
-                raise ValueError(
-                    f"diffusion_noise must have shape {latent_shape} for this size and "
-                    f"batch; received {tuple(latents.shape)}."
-                )
+        latents = self._denoise(
+            scheduler,
+            latents,
+            context,
+            uncond,
+            guidance=unconditional_guidance_scale,
+            num_steps=num_steps,
+            seed=seed,
+            progress=progress,
+        )
+        return self.decode_latents(latents)
+
+    def _denoise(
+        self,
+        scheduler,
+        latents,
+        context,
+        uncond,
+        *,
+        guidance,
+        num_steps,
+        seed,
+        progress,
+        strength=1.0,
+        **inpaint,
+    ) -> np.ndarray:
+        """Run the compiled loop from `latents`; the final latents as numpy. `inpaint`:
+        the sampler's mask / masked_image_latents / image_latents / blend_noise."""
         step_noise = None
         if scheduler.needs_step_noise:
             rng = np.random.default_rng(None if seed is None else seed + 1)
-            step_noise = rng.standard_normal((num_steps, *latent_shape), dtype=np.float32)
-        with tqdm(total=num_steps, desc="denoising", disable=not progress, leave=False) as bar:
+            step_noise = rng.standard_normal((num_steps, *latents.shape), dtype=np.float32)
+        steps = int(num_steps * strength)
+        with tqdm(total=steps, desc="denoising", disable=not progress, leave=False) as bar:
             latents = self.sampler(
                 scheduler,
                 latents,
                 context,
                 uncond,
-                guidance_scale=float(unconditional_guidance_scale),
+                guidance_scale=float(guidance),
                 num_steps=num_steps,
+                strength=strength,
                 step_noise=step_noise,
                 callback=(lambda _: bar.update(1)) if progress else None,
+                **inpaint,
             )
             latents = ops.convert_to_numpy(latents)
             bar.update(bar.total - bar.n)  # programs that cannot report per step
-        return self.decode_latents(latents)
+        return latents
 
     def decode_latents(self, latents) -> np.ndarray:
         """Decode latents to uint8 images [B, H, W, 3] (applies the VAE scaling factor)."""
@@ -372,59 +398,50 @@ class StableDiffusion:
         seed: int | None = None,
         **kwargs,
     ) -> np.ndarray:
-        """Generate images from a prompt.
+        """Generate images from a prompt, or from a list of prompts.
 
         Args:
-            prompt: the text to draw.
-            negative_prompt: text to steer away from (None: the empty prompt).
-            batch_size: number of images.
+            prompt: the text to draw, or a list of texts (as diffusers: each prompt
+                gets `batch_size` images, in prompt order).
+            negative_prompt: text to steer away from (None: the empty prompt), or a
+                list with one entry per prompt.
+            batch_size: images per prompt.
             num_steps: denoising steps (DDIM by default).
             unconditional_guidance_scale: classifier-free guidance weight (7.5).
             seed: seed for the starting noise; the same seed gives the same
                 images on every backend.
-            **kwargs: `scheduler`, `width`, `height`, `diffusion_noise`, passed to
+            **kwargs: `scheduler`, `width`, `height`, `diffusion_noise` (for all
+                `len(prompts) * batch_size` images), `progress`, passed to
                 `generate_image`.
 
         Returns:
-            np.uint8 array [batch_size, height, width, 3].
+            np.uint8 array [len(prompts) * batch_size, height, width, 3].
 
         Example:
         >>> sd = StableDiffusion(64, 64, config="tiny")
         >>> sd.text_to_image("a red circle", batch_size=2, num_steps=2, seed=3).shape
         (2, 64, 64, 3)
+        >>> sd.text_to_image(["a red circle", "a blue square"], num_steps=2, seed=3).shape
+        (2, 64, 64, 3)
         """
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string; received {type(prompt).__name__}.")
+        prompts = arguments.prompt_list(prompt, "prompt")
+        negatives = arguments.negative_list(negative_prompt, len(prompts))
+        arguments.validate_positive_int("batch_size", batch_size)
+        context, negative_rows = self._text_rows(prompts, negatives, len(prompts), batch_size)
         return self.generate_image(
-            self.encode_text(prompt),
-            negative_prompt=negative_prompt,
-            batch_size=batch_size,
+            context,
+            negative_prompt=negative_rows,
+            batch_size=len(prompts) * batch_size,
             num_steps=num_steps,
             unconditional_guidance_scale=unconditional_guidance_scale,
             seed=seed,
             **kwargs,
         )
 
-
-def _validate_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int; received {value!r}.")
-
-
-def _expand_batch(tensor, batch_size: int, name: str, rank: int = 3):
-    """Repeat a single item ([1, ...] or unbatched) to `batch_size` items."""
-    tensor = ops.convert_to_tensor(tensor)
-    if len(tensor.shape) == rank - 1:
-        tensor = ops.expand_dims(tensor, 0)
-    if len(tensor.shape) != rank:
-        raise ValueError(
-            f"{name} must have rank {rank} or {rank - 1}; received shape {tuple(tensor.shape)}."
-        )
-    if tensor.shape[0] == batch_size:
-        return tensor
-    if tensor.shape[0] == 1:
-        return ops.repeat(tensor, batch_size, axis=0)
-    raise ValueError(
-        f"{name} has batch {tensor.shape[0]} but batch_size is {batch_size}; "
-        "give one item or batch_size items."
-    )
+    def _text_rows(self, prompts, negatives, items: int, batch_size: int):
+        """(context [items * batch_size, L, D], negative prompt per row): `items` outputs
+        of `batch_size` images each; one prompt (or negative) serves every item."""
+        rows = arguments.rows(len(prompts), items, batch_size)
+        context = ops.take(self.encode_text(prompts), ops.convert_to_tensor(rows), axis=0)
+        negative_rows = [negatives[i] for i in arguments.rows(len(negatives), items, batch_size)]
+        return context, negative_rows
