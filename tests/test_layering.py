@@ -17,6 +17,7 @@ LAYERS = [
     {"keras_sd.weights"},
     {"keras_sd.sampling"},
     {"keras_sd.pipeline", "keras_sd.training"},
+    {"keras_sd.compat"},
 ]
 
 

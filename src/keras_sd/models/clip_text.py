@@ -190,7 +190,8 @@ class CLIPTextEncoder(keras.Model):
     Returns (call):
         `[B, L, hidden_dim]` context for the UNet. `call(token_ids, clip_skip=k)`
         stops `k` blocks early and still applies the final layer norm, the same
-        meaning as diffusers' `clip_skip`.
+        meaning as diffusers' `clip_skip`; `position_ids` ([B or 1, L]) replace
+        the default positions 0 .. L-1.
 
     Example:
     >>> enc = CLIPTextEncoder(**TINY_CONFIG)
@@ -251,7 +252,7 @@ class CLIPTextEncoder(keras.Model):
             layer.build(hidden_shape)
         self.final_layer_norm.build(hidden_shape)
 
-    def call(self, token_ids, clip_skip: int = 0):
+    def call(self, token_ids, clip_skip: int = 0, position_ids=None):
         if not 0 <= clip_skip < self.num_layers:
             raise ValueError(f"clip_skip={clip_skip} must be in [0, {self.num_layers - 1}].")
         length = token_ids.shape[1]
@@ -259,8 +260,9 @@ class CLIPTextEncoder(keras.Model):
             raise ValueError(
                 f"token_ids has length {length}, more than max_length={self.max_length}."
             )
-        positions = ops.arange(ops.shape(token_ids)[1])  # [L]
-        x = self.token_embedding(token_ids) + self.position_embedding(positions)[None]
+        if position_ids is None:  # KerasCV's text encoder takes them as a second input
+            position_ids = ops.arange(ops.shape(token_ids)[1])[None]  # [1, L]
+        x = self.token_embedding(token_ids) + self.position_embedding(position_ids)
         for layer in self.encoder_layers[: self.num_layers - clip_skip]:
             x = layer(x)  # [B, L, hidden_dim]
         return self.final_layer_norm(x)

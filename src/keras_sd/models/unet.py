@@ -249,7 +249,13 @@ class UNet(keras.Model):
     def call(self, latents, timesteps, context):
         batch = ops.shape(latents)[0]
         timesteps = ops.broadcast_to(ops.reshape(timesteps, (-1,)), (batch,))
-        temb = self.time_embedding(timestep_embedding(timesteps, self.block_out_channels[0]))
+        features = timestep_embedding(timesteps, self.block_out_channels[0])
+        return self.call_with_timestep_features(latents, features, context)
+
+    def call_with_timestep_features(self, latents, features, context):
+        """`call` from precomputed sinusoidal timestep features `[B, block_out_channels[0]]`
+        (`keras_sd.models.layers.timestep_embedding`), the input KerasCV's UNet takes."""
+        temb = self.time_embedding(features)
         x = self.conv_in(latents)
         skips = [x]
         for i, resnets in enumerate(self.down_resnets):

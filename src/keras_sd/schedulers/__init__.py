@@ -2,6 +2,7 @@
 
 from keras_sd.schedulers.base import Scheduler, alphas_cumprod_table, spaced_timesteps
 from keras_sd.schedulers.ddim import DDIMScheduler, config_from_diffusers
+from keras_sd.schedulers.keras_cv import KerasCVScheduler
 from keras_sd.schedulers.registry import (
     build_scheduler,
     get_scheduler,
@@ -11,6 +12,7 @@ from keras_sd.schedulers.registry import (
 
 __all__ = [
     "DDIMScheduler",
+    "KerasCVScheduler",
     "Scheduler",
     "alphas_cumprod_table",
     "build_scheduler",

@@ -12,6 +12,7 @@ import inspect
 
 from keras_sd.schedulers.base import Scheduler
 from keras_sd.schedulers.ddim import DDIMScheduler
+from keras_sd.schedulers.keras_cv import KerasCVScheduler
 
 DEFAULT = "ddim"
 _CLASSES: dict[str, type] = {}  # short name -> class
@@ -108,3 +109,4 @@ def config_from_diffusers(cfg: dict) -> dict:
 
 
 register_scheduler("ddim", DDIMScheduler, "DDIMScheduler")
+register_scheduler("keras_cv", KerasCVScheduler)
