@@ -486,7 +486,8 @@ def run_diffusers(spec, emit, monitor):
     setup = {"import_s": t0 - START, "build_s": 0.0, "load_s": time.perf_counter() - t0}
     i2i_pipe = None
     if spec.get("img2img_strength") is not None:  # the same components, loaded once
-        i2i_pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        # from_pipe casts the shared modules to its own torch_dtype (float32 by default)
+        i2i_pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe, torch_dtype=dtype)
         i2i_pipe.set_progress_bar_config(disable=True)
     make_calls = partial(diffusers_calls, pipe, i2i_pipe, device, dtype, spec)
     run_cases(spec, emit, monitor, setup, make_calls, "torch")
