@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sd.schedulers import DDIMScheduler, alphas_cumprod_table
+from keras_sd.schedulers import DDIMScheduler
 
 VARIANCE_TYPES = (
     "fixed_small",
@@ -56,7 +56,7 @@ class NoiseScheduler:
         self.train_timesteps = train_timesteps
         self.variance_type = variance_type
         self.clip_sample = clip_sample
-        table = alphas_cumprod_table(train_timesteps, beta_start, beta_end, beta_schedule)
+        table = self._schedule.alphas_cumprod  # the same alpha_prod table keras-sd samples with
         # beta_t = 1 - alpha_prod_t / alpha_prod_{t-1} recovers the schedule's betas.
         previous = np.concatenate([[1.0], table[:-1].astype(np.float64)])
         betas = 1.0 - table.astype(np.float64) / previous
