@@ -37,12 +37,22 @@ def register_scheduler(name: str, cls: type, diffusers_name: str | None = None) 
 
 
 def scheduler_names() -> list[str]:
-    """The registered short names and diffusers class names."""
+    """The registered short names and diffusers class names.
+
+    Example:
+    >>> {"ddim", "DDIMScheduler"} <= set(scheduler_names())
+    True
+    """
     return sorted({*_CLASSES, *_ALIASES})
 
 
 def scheduler_class(name: str) -> type:
-    """The class registered as `name` (a short name or a diffusers class name)."""
+    """The class registered as `name` (a short name or a diffusers class name).
+
+    Example:
+    >>> scheduler_class("DDIMScheduler").__name__
+    'DDIMScheduler'
+    """
     short = _ALIASES.get(name, name) if isinstance(name, str) else None
     if short not in _CLASSES:
         raise ValueError(f"scheduler must be one of {scheduler_names()}; received {name!r}.")
@@ -101,6 +111,10 @@ def config_from_diffusers(cfg: dict) -> dict:
     `PNDMScheduler`, which keras-sd does not implement) falls back to DDIM with the
     file's noise-schedule settings, as diffusers pipelines allow swapping schedulers
     over one config.
+
+    Example:
+    >>> config_from_diffusers({"_class_name": "PNDMScheduler", "steps_offset": 1})["class_name"]
+    'ddim'
     """
     name = cfg.get("_class_name")
     short = _ALIASES.get(name, name) if name in _ALIASES or name in _CLASSES else DEFAULT
