@@ -131,7 +131,7 @@ def test_loads_run_with_the_garbage_collector_paused(tmp_path, tiny_file, monkey
     monkeypatch.setattr(
         deferred,
         "build_models_deferred",
-        lambda config: seen.append(gc.isenabled()) or build(config),
+        lambda config, *source: seen.append(gc.isenabled()) or build(config, *source),
     )
     _assert_same_weights(StableDiffusion.from_checkpoint(path), tiny_file[0])
     assert seen == [False] and gc.isenabled()

@@ -17,9 +17,10 @@ import keras
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
-from keras_sd.weights.diffusers import load_components
+from keras_sd.weights.diffusers import TEXT_ENCODER_IGNORED, load_components
 from keras_sd.weights.native import read_pipeline_metadata
 from keras_sd.weights.safetensors_io import read_safetensors
+from keras_sd.weights.state_dict import CheckpointError, check_floating, select_entries
 
 FORMAT = "keras_sd.bundle"
 VERSION = "1"
@@ -46,11 +47,11 @@ def read_bundle(path) -> tuple[dict, dict]:
                 raise ValueError(f"unexpected tensor {key!r}")
             states[component][name] = tensors[key].read()
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise CheckpointError(
             f"{path!r} is not a readable keras-sd bundle (corrupt or truncated?): {err}"
         ) from None
     if metadata.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path!r} is a safetensors file but not a keras-sd bundle "
             f"(metadata format={metadata.get('format')!r}, expected {FORMAT!r})."
         )
@@ -85,21 +86,31 @@ def bundle_kwargs(
     >>> sd = StableDiffusion(**bundle_kwargs("tiny-shapes.safetensors"))  # doctest: +SKIP
     """
     metadata, states = read_bundle(path)
-    config, width, height = read_pipeline_metadata(metadata)
+    try:
+        config, width, height = read_pipeline_metadata(metadata)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    for state in states.values():
+        check_floating(select_entries(state, "", TEXT_ENCODER_IGNORED), os.fspath(path))
     if prediction_type is not None:
-        config["scheduler"] = {**config["scheduler"], "prediction_type": prediction_type}
+        config["scheduler"] = {**config.get("scheduler", {}), "prediction_type": prediction_type}
     dtype = keras.mixed_precision.global_policy().variable_dtype
     if dtype not in _DTYPES:
         dtype = "float32"
     states = {
         name: {k: v.astype(dtype) for k, v in state.items()} for name, state in states.items()
     }
-    models = {
-        "text_encoder": CLIPTextEncoder(**config["text_encoder"]),
-        "diffusion_model": UNet(**config["unet"]),
-        "decoder": VAEDecoder(**config["vae"]),
-        "image_encoder": VAEEncoder(**config["vae"]),
-    }
+    try:
+        models = {
+            "text_encoder": CLIPTextEncoder(**config["text_encoder"]),
+            "diffusion_model": UNet(**config["unet"]),
+            "decoder": VAEDecoder(**config["vae"]),
+            "image_encoder": VAEEncoder(**config["vae"]),
+        }
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
+        raise CheckpointError(
+            f"{path}: its stored config does not build the models ({type(err).__name__}: {err})."
+        ) from None
     load_components(SimpleNamespace(**models), **states)
     return {
         "config": config,

@@ -38,7 +38,7 @@ from keras_sd.weights.compvis import (
     diffusers_to_compvis,
 )
 from keras_sd.weights.prefetch import Prefetch
-from keras_sd.weights.state_dict import CheckpointError
+from keras_sd.weights.state_dict import CheckpointError, check_floating, select_entries
 
 LAYOUTS = ("compvis", "diffusers", "keras")
 COMPONENTS = tuple(deferred.MODELS)  # the StableDiffusion attributes that hold weights
@@ -220,6 +220,8 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
     `prefetch`), in the order the variables are filled.
     """
     order = component_states(parts)
+    for _, state, key_prefix, ignore in order:
+        check_floating(select_entries(state, key_prefix, ignore), source)
     dtype = keras.config.dtype_policy().variable_dtype
     with Prefetch([state[1:] for state in order], dtype) as prefetch:
         models = deferred.build_models_deferred(config)

@@ -37,7 +37,12 @@ import numpy as np
 
 from keras_sd import backend
 from keras_sd.weights import deferred, safetensors_io
-from keras_sd.weights.state_dict import CheckpointError, describe_problems, named_variables
+from keras_sd.weights.state_dict import (
+    CheckpointError,
+    check_floating,
+    describe_problems,
+    named_variables,
+)
 
 FORMAT = "keras_sd.keras_layout"
 VERSION = "1"
@@ -101,7 +106,9 @@ def pipeline_metadata(sd, format_name: str, version: str) -> dict:
     '64'
     """
     config = dict(sd.config)
-    config["tokenizer"] = {k: v for k, v in config["tokenizer"].items() if k != "added_tokens"}
+    config["tokenizer"] = {
+        k: v for k, v in config["tokenizer"].items() if k not in ("added_tokens", "vocab_path")
+    }
     return {
         "format": format_name,
         "version": version,
@@ -116,17 +123,33 @@ def read_pipeline_metadata(metadata: dict) -> tuple[dict, int, int]:
     """`(config, img_width, img_height)` from `pipeline_metadata`'s entries; the added
     tokens go back into the tokenizer's config (only when there are any).
 
+    A file's metadata is data, never a path to open: a `tokenizer.vocab_path` in it is
+    dropped, so the bundled vocabulary is used (pass a tokenizer of your own to change it).
+
+    Raises:
+        CheckpointError: an entry is missing or malformed.
+
     Example:
-    >>> entries = {"config": '{"tokenizer": {}}', "img_width": "64", "img_height": "32",
-    ...            "added_tokens": '["<cat-toy>"]'}
+    >>> entries = {"config": '{"tokenizer": {"vocab_path": "/etc/passwd"}}',
+    ...            "img_width": "64", "img_height": "32", "added_tokens": '["<cat-toy>"]'}
     >>> read_pipeline_metadata(entries)
     ({'tokenizer': {'added_tokens': ['<cat-toy>']}}, 64, 32)
     """
-    config = json.loads(metadata["config"])
-    added = json.loads(metadata.get("added_tokens", "[]"))
+    try:
+        config = json.loads(metadata["config"])
+        added = json.loads(metadata.get("added_tokens", "[]"))
+        width, height = int(metadata["img_width"]), int(metadata["img_height"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"the stored pipeline metadata is malformed ({err}).") from None
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise CheckpointError("the stored model config is not an object of per-component objects.")
+    if not isinstance(added, list) or not all(isinstance(t, str) for t in added):
+        raise CheckpointError(f"the stored added tokens are not a list of strings: {added!r:.80}.")
+    tokenizer = config.setdefault("tokenizer", {})
+    tokenizer.pop("vocab_path", None)
     if added:
-        config["tokenizer"]["added_tokens"] = added
-    return config, int(metadata["img_width"]), int(metadata["img_height"])
+        tokenizer["added_tokens"] = added
+    return config, width, height
 
 
 def _mapped_values(path: str, tensors: dict):
@@ -182,11 +205,11 @@ def keras_layout_kwargs(
         )
     try:
         config, width, height = read_pipeline_metadata(metadata)
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: the keras-layout metadata is incomplete ({err}).") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     if prediction_type is not None:
-        config["scheduler"] = {**config["scheduler"], "prediction_type": prediction_type}
-    models = deferred.build_models_deferred(config)
+        config["scheduler"] = {**config.get("scheduler", {}), "prediction_type": prediction_type}
+    models = deferred.build_models_deferred(config, path)
     try:
         pairs = _match(models, tensors, _mapped_values(path, tensors), path)
     except Exception:
@@ -221,6 +244,7 @@ def _match(models: dict, tensors: dict, mapped: dict, source: str) -> list:
         raise CheckpointError(
             f"{source} does not match the models its config describes: " + "; ".join(problems) + "."
         )
+    check_floating(tensors, source)
     return [
         (variable, _value_function(tensors[key], variable, mapped.get(key)))
         for key, variable in expected.items()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_sd.backend.memory import aligned_empty
-from keras_sd.weights.state_dict import stand_in
+from keras_sd.weights.state_dict import CheckpointError, stand_in
 
 # safetensors dtype tag <-> little-endian numpy dtype. BF16 is read as raw bits.
 _DTYPES = {
@@ -147,8 +147,8 @@ class LazyTensor:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
 
 
-def _unreadable(path, reason: str) -> ValueError:
-    return ValueError(
+def _unreadable(path, reason: str) -> CheckpointError:
+    return CheckpointError(
         f"cannot read {path} as a safetensors file: {reason}. The file may be truncated "
         "(an interrupted download?), corrupted, or not a safetensors file at all."
     )
@@ -191,13 +191,16 @@ class _TensorReader:
 def read_safetensors(path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
     """Open a safetensors file lazily: `({name: LazyTensor}, metadata)`.
 
-    Every entry of the header is validated against the file size first, so a
-    truncated file fails here with a clear message instead of at some later read.
+    The header is validated as a whole first (each entry's offsets hold exactly its
+    shape in its dtype, the entries tile the data without gaps or overlaps, and the
+    data end where the file ends), so a truncated or inconsistent file fails here with
+    a clear message instead of at some later read or as wrong values.
     BF16 tensors are widened to float32 (exactly) when read.
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: a malformed header or a file shorter than its header says.
+        CheckpointError: (a ValueError) a malformed or inconsistent header, or a file
+            whose length is not what its header says.
 
     Example:
     >>> tensors, metadata = read_safetensors("model.safetensors")  # doctest: +SKIP
@@ -217,34 +220,60 @@ def read_safetensors(path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
             raise _unreadable(path, f"the header claims {length} bytes but the file has {size}")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, absurd nesting
             raise _unreadable(path, f"the header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise _unreadable(path, "the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _unreadable(path, "the __metadata__ entry is not an object of strings")
     start = 8 + length
-    tensors = {}
-    for name, info in header.items():
-        try:
-            tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            dtype = np.dtype(_DTYPES[tag])
-            shape = tuple(int(n) for n in shape)
-            valid = 0 <= begin <= end and min(shape, default=0) >= 0
-        except (KeyError, TypeError, ValueError):
-            raise _unreadable(path, f"invalid header entry for {name!r}: {info!r}") from None
-        if not valid or end - begin != math.prod(shape) * dtype.itemsize:
-            raise _unreadable(path, f"tensor {name!r} has inconsistent offsets {[begin, end]}")
-        if start + end > size:
+    entries = sorted((_header_entry(path, name, info), name) for name, info in header.items())
+    # As the safetensors library demands: the tensors tile the data without gaps or
+    # overlaps up to the end of the file, so no byte is read as two tensors.
+    position = 0
+    for (begin, end, _, _), name in entries:
+        if begin != position:
             raise _unreadable(
-                path, f"tensor {name!r} ends at byte {start + end} but the file has {size} bytes"
+                path,
+                f"tensor {name!r} starts at data byte {begin}, expected {position} "
+                "(tensors must follow each other without gaps or overlaps)",
             )
-        bfloat16 = tag == "BF16"
+        position = end
+    if start + position != size:
+        raise _unreadable(
+            path, f"the last tensor ends at byte {start + position} but the file has {size} bytes"
+        )
+    tensors = {}
+    for (begin, _, tag, shape), name in entries:
+        dtype, bfloat16 = np.dtype(_DTYPES[tag]), tag == "BF16"
         tensors[name] = LazyTensor(
             _TensorReader(path, start + begin, dtype.str, shape, bfloat16),
             shape,
             np.float32 if bfloat16 else dtype,
         )
     return tensors, metadata
+
+
+def _header_entry(path, name: str, info) -> tuple[int, int, str, tuple]:
+    """`(begin, end, dtype tag, shape)` of one header entry, checked on its own."""
+    try:
+        tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        dtype = np.dtype(_DTYPES[tag])
+        numbers = [*shape, begin, end]
+    except (KeyError, TypeError, ValueError):
+        raise _unreadable(path, f"invalid header entry for {name!r}: {info!r:.200}") from None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        raise _unreadable(path, f"invalid header entry for {name!r}: {info!r:.200}")
+    if begin > end or end - begin != math.prod(shape) * dtype.itemsize:
+        raise _unreadable(
+            path,
+            f"tensor {name!r} has offsets {[begin, end]}, which do not hold "
+            f"{tag} values of shape {list(shape)}",
+        )
+    return begin, end, tag, tuple(shape)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

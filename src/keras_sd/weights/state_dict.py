@@ -151,6 +151,28 @@ def select_entries(state_dict: dict, prefix: str = "", ignore=()) -> dict:
     return {k: v for k, v in found.items() if not k.endswith(tuple(ignore))}
 
 
+def check_floating(tensors: dict, source: str) -> None:
+    """Refuse weights stored with a non-floating dtype: every SD weight is a float, and
+    integer bits read as weights would give garbage without any error.
+
+    Raises:
+        CheckpointError: naming the entries and their dtypes.
+
+    Example:
+    >>> check_floating({"w": np.zeros(2, "float16")}, "model.safetensors")
+    >>> check_floating({"w": np.zeros(2, "int32")}, "model.safetensors")
+    Traceback (most recent call last):
+    ...
+    keras_sd.weights.state_dict.CheckpointError: model.safetensors stores ...: w (int32).
+    """
+    dtypes = {key: np.dtype(value.dtype) for key, value in tensors.items()}
+    bad = [f"{key} ({dtype.name})" for key, dtype in dtypes.items() if dtype.kind != "f"]
+    if bad:
+        raise CheckpointError(
+            f"{source} stores weights as non-floating dtypes: {', '.join(bad[:5])}."
+        )
+
+
 def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):
     """Pair the variables of `model` with the entries of a PyTorch-layout state dict.
 
