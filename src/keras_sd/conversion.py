@@ -9,6 +9,10 @@ from keras_sd.weights.checkpoint import LAYOUTS
 def convert(src, dst, layout: str | None = None, dtype: str | None = None, **kwargs) -> None:
     """Convert a checkpoint between layouts.
 
+    The output is written under a temporary sibling name and renamed into place when
+    complete, folders included, so an interrupted conversion leaves `dst` as it was
+    (see `keras_sd.weights.atomic` for what a killed process leaves behind).
+
     Args:
         src: anything `StableDiffusion.from_checkpoint` reads.
         dst: the output; a `.safetensors` path means the "compvis" layout, anything

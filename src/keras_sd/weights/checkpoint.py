@@ -19,6 +19,7 @@ import keras
 
 from keras_sd import presets
 from keras_sd.weights import (
+    atomic,
     bundle,
     deferred,
     diffusers_folder,
@@ -370,7 +371,9 @@ def save_checkpoint(sd, path, layout: str = "compvis", dtype: str | None = None)
     """Write a `StableDiffusion`'s weights as a CompVis single file or a diffusers folder.
 
     Tensors are written one at a time (memory stays near the model's own size) to
-    a temporary name that replaces the target only when complete.
+    a temporary name that replaces the target only when complete; a folder too is
+    written whole under a temporary name first (`keras_sd.weights.atomic`), so an
+    interrupted write leaves the previous folder or file as it was.
 
     Args:
         sd: a `StableDiffusion`.
@@ -397,7 +400,9 @@ def save_checkpoint(sd, path, layout: str = "compvis", dtype: str | None = None)
         return
     parts = export_parts_lazy({c: getattr(sd, c) for c in COMPONENTS})
     if layout == "diffusers":
-        diffusers_folder.write_folder(sd, path, parts, dtype)
+        atomic.write_folder(
+            path, lambda folder: diffusers_folder.write_folder(sd, folder, parts, dtype)
+        )
     elif path.suffix.lower() != ".safetensors":
         raise ValueError(f"a compvis checkpoint is written as .safetensors; received {path}.")
     else:

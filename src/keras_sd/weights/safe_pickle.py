@@ -265,7 +265,8 @@ def load_torch_file(path) -> dict[str, Any]:
         UnsafeCheckpointError: the file names a global that is not a tensor builder
             or plain container (e.g. `posix.system`). pytorch-lightning classes in
             training metadata become inert placeholders instead.
-        CheckpointError: (a ValueError) the file is truncated, corrupted or not a PyTorch checkpoint.
+        CheckpointError: (a ValueError) the file is truncated, corrupted or not a
+            PyTorch checkpoint.
 
     Example:
     >>> ckpt = load_torch_file("v1-5-pruned-emaonly.ckpt")  # doctest: +SKIP

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_sd.backend.memory import aligned_empty
+from keras_sd.weights.atomic import partial_path
 from keras_sd.weights.state_dict import CheckpointError, stand_in
 
 # safetensors dtype tag <-> little-endian numpy dtype. BF16 is read as raw bits.
@@ -279,7 +280,7 @@ def _header_entry(path, name: str, info) -> tuple[int, int, str, tuple]:
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, so readers never see a partial file."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = partial_path(path)
     try:
         partial.write_bytes(data)
         os.replace(partial, path)
@@ -332,7 +333,7 @@ def write_safetensors(
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % alignment)  # the data start aligned (8 at least)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = partial_path(path)
     try:
         with open(partial, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
