@@ -289,6 +289,11 @@ def load_torch_file(path) -> dict[str, Any]:
         obj = _materialize(obj, storages)
     except UnsafeCheckpointError:
         raise
+    except MemoryError:  # a last resort: every size is checked against the file before
+        raise CheckpointError(
+            f"cannot read {path}: it needs more memory than is available, far more than "
+            "a checkpoint of its size should"
+        ) from None
     except (
         pickle.UnpicklingError,
         zipfile.BadZipFile,
@@ -305,12 +310,11 @@ def load_torch_file(path) -> dict[str, Any]:
         OverflowError,
         zlib.error,
         LookupError,
-        MemoryError,  # a last resort: every size is checked against the file before
         RecursionError,  # absurdly deep or self-referencing containers
     ) as err:
         raise _unreadable(path, "a PyTorch checkpoint", err) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
 
 
@@ -365,8 +369,8 @@ def load_state_dict_file(path) -> dict[str, np.ndarray]:
         obj = obj["state_dict"]
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad:
-        raise ValueError(
-            f"{path} is not a flat state dict: entries {bad[:5]} are not named tensors"
+        raise CheckpointError(
+            f"{path} is not a flat state dict: entries {bad[:5]!r:.200} are not named tensors"
         )
     return obj
 
