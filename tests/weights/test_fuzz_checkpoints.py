@@ -11,7 +11,6 @@ it. Run this file as a script to load a list of cases (the child's side).
 
 import json
 import os
-import pickletools
 import random
 import resource
 import select
@@ -20,16 +19,15 @@ import struct
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
+import checkpoint_mutations as mt
 import numpy as np
 import torch_files as tf
 
 SEED = int(os.environ.get("KERAS_SD_FUZZ_SEED", "0"))
 CASE_SECONDS = 5
 EXTRA_MEMORY = 1 << 30
-_OPCODES = [op.code.encode("latin-1") for op in pickletools.opcodes]
 
 
 # ---------------------------------------------------------------- the child's side
@@ -55,6 +53,9 @@ def _load(kind: str, path: str) -> None:
         native.read_pipeline_metadata(metadata)
         for tensor in tensors.values():
             tensor.read()
+    elif kind == "compvis":  # what weights cannot show comes from the micro config
+        config = json.loads((Path(path).parent / "micro-config.json").read_text())
+        checkpoint_kwargs(path, config=config)
     else:
         checkpoint_kwargs(path)
 
@@ -145,159 +146,8 @@ def _micro_keras_file(path: Path) -> None:
     config["vae"].update(small)
     sd = StableDiffusion(img_width=16, img_height=16, jit_compile=False, config=config)
     save_checkpoint(sd, path, layout="keras")
-
-
-# ---------------------------------------------------------------- the mutations
-def _truncate(data: bytes, rng: random.Random) -> bytes:
-    return data[: rng.randrange(len(data))]
-
-
-def _flip(data: bytes, rng: random.Random) -> bytes:
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 8)):
-        out[rng.randrange(len(out))] = rng.randrange(256)
-    return bytes(out)
-
-
-_VALUES = [0, -1, 1, 3, 2**31, 2**40, 2**63, -(2**63), 1.5, "F32", "x", None, [], {}, [1, -1], True]
-
-
-def _header_edit(data: bytes, rng: random.Random) -> bytes:
-    (length,) = struct.unpack("<Q", data[:8])
-    header, body = json.loads(data[8 : 8 + length]), data[8 + length :]
-    names = [k for k in header if k != "__metadata__"]
-    name, other = rng.choice(names), rng.choice(names)
-    entry = header[name]
-    choice = rng.randrange(10)
-    if choice == 0:
-        entry["dtype"] = rng.choice(
-            ["F32", "I32", "F16", "BF16", "U8", "F64", "I64", "BOOL", "Q", 3]
-        )
-    elif choice == 1:
-        entry["shape"] = rng.choice([[], [0], [10**12], [2**62, 4], [-4], [4.0], "4", [1] * 64])
-    elif choice == 2:
-        entry["data_offsets"] = list(header[other]["data_offsets"])  # overlap another
-    elif choice == 3:
-        begin, end = entry["data_offsets"]
-        shift = rng.choice([-8, -2, 2, 8, 2**40])
-        entry["data_offsets"] = rng.choice([[begin + shift, end + shift], [begin, end + shift]])
-    elif choice == 4:
-        entry[rng.choice(["dtype", "shape", "data_offsets"])] = rng.choice(_VALUES)
-    elif choice == 5:
-        del header[name]
-    elif choice == 6:
-        header["__metadata__"] = rng.choice(
-            [[], {"format": 3}, "pt", {"k": None}, {"format": "pt"}]
-        )
-    elif choice == 7:
-        header[name + ".copy"] = dict(entry)
-    elif choice == 8:
-        header = rng.choice([[], "x", None, 3, {"a": None}])
-    else:
-        blob = json.dumps(header).encode()
-        return (
-            struct.pack("<Q", rng.choice([0, 2, len(blob) - 1, len(blob) + 1, 2**63])) + blob + body
-        )
-    blob = json.dumps(header).encode()
-    return struct.pack("<Q", len(blob)) + blob + body
-
-
-def _opcode_positions(pickle_bytes: bytes) -> list:
-    return [(op.name, pos) for op, _, pos in pickletools.genops(pickle_bytes)]
-
-
-_HOSTILE_OPS = [
-    b"r" + struct.pack("<I", 2**32 - 1),  # LONG_BINPUT far beyond the memo
-    b"\x8e" + struct.pack("<Q", 2**40),  # BINBYTES8 of 1 TB
-    b"X" + struct.pack("<I", 2**31),  # BINUNICODE of 2 GB
-    b"\x96" + struct.pack("<Q", 2**40),  # BYTEARRAY8 of 1 TB
-    b"cbuiltins\nbytearray\n(J\x00\x00\x00\x40tR",  # bytearray(2**30)
-    b"cposix\nsystem\n(X\x04\x00\x00\x00truetR",
-    b"cbuiltins\neval\n",
-    b"(" * 5000 + b"]" * 5000,
-    b"\x95" + struct.pack("<Q", 2**50),  # FRAME of a petabyte
-    b"j" + struct.pack("<I", 2**31),  # LONG_BINGET of a missing entry
-]
-
-
-def _pickle_edit(pickle_bytes: bytes, rng: random.Random) -> bytes:
-    ops = _opcode_positions(pickle_bytes)
-    index = rng.randrange(len(ops) - 1)
-    name, pos = ops[index]
-    end = ops[index + 1][1]
-    choice = rng.randrange(6)
-    if choice == 0:
-        return pickle_bytes[:pos] + rng.choice(_OPCODES) + pickle_bytes[pos + 1 :]
-    if choice == 1:
-        ints = [p for n, p in ops if n == "BININT"]
-        if ints:
-            at = rng.choice(ints)
-            value = rng.choice([0, -1, 2**31 - 1, -(2**31), rng.randrange(-1000, 1000)])
-            return pickle_bytes[: at + 1] + struct.pack("<i", value) + pickle_bytes[at + 5 :]
-    if choice == 2:
-        return pickle_bytes[:pos] + pickle_bytes[end:]
-    if choice == 3:
-        return pickle_bytes[:end] + pickle_bytes[pos:end] * rng.randint(1, 40) + pickle_bytes[end:]
-    if choice == 4:
-        return pickle_bytes[:pos] + rng.choice(_HOSTILE_OPS) + pickle_bytes[pos:]
-    return _flip(pickle_bytes, rng)
-
-
-def _central_records(data: bytes) -> list:
-    records, at = [], data.find(b"PK\x01\x02")
-    while at >= 0:
-        records.append(at)
-        at = data.find(b"PK\x01\x02", at + 1)
-    return records
-
-
-def _zip_edit(data: bytes, rng: random.Random) -> bytes:
-    out = bytearray(data)
-    records = _central_records(data)
-    if not records:
-        return _flip(data, rng)
-    at = rng.choice(records)
-    field, width = rng.choice([(10, "H"), (20, "I"), (24, "I"), (28, "H"), (42, "I")])
-    value = rng.choice([0, 1, 8, 12, 99, 2**16 - 1, 2**31, 2**32 - 1, len(data), len(data) * 2000])
-    value %= 2 ** (16 if width == "H" else 32)
-    struct.pack_into("<" + width, out, at + field, value)
-    if rng.random() < 0.3:  # the local header too
-        local = struct.unpack_from("<I", out, at + 42)[0]
-        if local + 30 <= len(out) and out[local : local + 4] == b"PK\x03\x04":
-            struct.pack_into("<I", out, local + rng.choice([18, 22]), value % 2**32)
-    return bytes(out)
-
-
-def _rezip(path: Path, pickle_bytes: bytes, blobs: dict, rng: random.Random) -> None:
-    blobs = dict(blobs)
-    choice = rng.randrange(4)
-    if choice == 0 and blobs:
-        del blobs[rng.choice(sorted(blobs))]
-    elif choice == 1 and blobs:
-        key = rng.choice(sorted(blobs))
-        blobs[key] = blobs[key][: rng.randrange(len(blobs[key]) + 1)]
-    elif choice == 2:
-        blobs["../../escape"] = b"\0" * 16
-    compression = zipfile.ZIP_DEFLATED if choice == 3 else zipfile.ZIP_STORED
-    tf.write_zip(path, pickle_bytes, blobs, compression)
-
-
-def _config_edit(metadata: dict, rng: random.Random) -> dict:
-    config = json.loads(metadata["config"])
-    component = rng.choice(["text_encoder", "unet", "vae", "tokenizer", "scheduler"])
-    keys = sorted(config.setdefault(component, {})) or ["x"]
-    choice = rng.randrange(5)
-    if choice == 0:
-        config[component][rng.choice(keys)] = rng.choice([0, -1, 1.5, "x", None, [], {}, True, [8]])
-    elif choice == 1:
-        config[component].pop(rng.choice(keys), None)
-    elif choice == 2:
-        config[component] = rng.choice([[], "x", None, 3])
-    elif choice == 3:
-        config["tokenizer"] = {"vocab_path": rng.choice(["/dev/zero", "/etc/passwd", "/dev/stdin"])}
-    else:
-        del config[component]
-    return {**metadata, "config": json.dumps(config)}
+    save_checkpoint(sd, path.with_name("compvis.safetensors"))
+    path.with_name("micro-config.json").write_text(json.dumps(config))
 
 
 # ---------------------------------------------------------------- the cases
@@ -327,22 +177,22 @@ def _cases(folder: Path) -> list:
 
     st = base["safetensors"]
     for family, count, mutate in [
-        ("truncation", 40, _truncate),
-        ("byte flips", 40, _flip),
-        ("safetensors header", 90, _header_edit),
+        ("truncation", 40, mt.truncate),
+        ("byte flips", 40, mt.flip),
+        ("safetensors header", 90, mt.header_edit),
     ]:
         for _ in range(count):
             add("state", ".safetensors", family, mutate(st, rng))
     zip_bytes, zip_pickle, zip_blobs = base["zip"]
     for family, count, mutate in [
-        ("truncation", 30, _truncate),
-        ("byte flips", 30, _flip),
-        ("zip entry", 40, _zip_edit),
+        ("truncation", 30, mt.truncate),
+        ("byte flips", 30, mt.flip),
+        ("zip entry", 40, mt.zip_edit),
     ]:
         for _ in range(count):
             add("state", ".ckpt", family, mutate(zip_bytes, rng))
     for _ in range(90):
-        edited = _pickle_edit(zip_pickle, rng)
+        edited = mt.pickle_edit(zip_pickle, rng)
         add(
             "state",
             ".ckpt",
@@ -350,13 +200,21 @@ def _cases(folder: Path) -> list:
             write=lambda p, e=edited: tf.write_zip(p, e, zip_blobs),
         )
     for _ in range(20):
-        add("state", ".ckpt", "zip entry", write=lambda p: _rezip(p, zip_pickle, zip_blobs, rng))
+        add(
+            "state",
+            ".ckpt",
+            "zip entry",
+            write=lambda p: mt.rezip(p, zip_pickle, zip_blobs, rng),
+        )
     legacy_bytes, legacy_pickle, legacy_blobs = base["legacy"]
-    for family, count, mutate in [("truncation", 20, _truncate), ("byte flips", 20, _flip)]:
+    for family, count, mutate in [
+        ("truncation", 20, mt.truncate),
+        ("byte flips", 20, mt.flip),
+    ]:
         for _ in range(count):
             add("state", ".pt", family, mutate(legacy_bytes, rng))
     for _ in range(60):
-        edited = _pickle_edit(legacy_pickle, rng)
+        edited = mt.pickle_edit(legacy_pickle, rng)
         add(
             "state",
             ".pt",
@@ -366,15 +224,27 @@ def _cases(folder: Path) -> list:
     keras_bytes = keras_path.read_bytes()
     (length,) = struct.unpack("<Q", keras_bytes[:8])
     for _ in range(30):
-        add("keras-reader", ".safetensors", "safetensors header", _header_edit(keras_bytes, rng))
+        add(
+            "keras-reader",
+            ".safetensors",
+            "safetensors header",
+            mt.header_edit(keras_bytes, rng),
+        )
     for _ in range(10):
-        add("keras-reader", ".safetensors", "truncation", _truncate(keras_bytes, rng))
+        add("keras-reader", ".safetensors", "truncation", mt.truncate(keras_bytes, rng))
     for _ in range(10):
-        head = _flip(keras_bytes[: 8 + length], rng)
+        head = mt.flip(keras_bytes[: 8 + length], rng)
         add("keras-reader", ".safetensors", "byte flips", head + keras_bytes[8 + length :])
+    compvis_path = folder / "compvis.safetensors"
+    cases.append(("compvis", str(compvis_path), "baseline"))
+    compvis = {k: v.read() for k, v in safetensors_io.read_safetensors(compvis_path)[0].items()}
+    for _ in range(20):
+        edited = mt.compvis_edit(compvis, rng)
+        write = lambda p, e=edited: safetensors_io.write_safetensors(p, e)  # noqa: E731
+        add("compvis", ".safetensors", "compvis keys", write=write)
     tensors, metadata = safetensors_io.read_safetensors(keras_path)
     for _ in range(24):
-        edited = _config_edit(metadata, rng)
+        edited = mt.config_edit(metadata, rng)
         write = lambda p, m=edited: safetensors_io.write_safetensors(p, tensors, metadata=m)  # noqa: E731
         add("full", ".safetensors", "config values", write=write)
     return cases

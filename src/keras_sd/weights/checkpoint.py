@@ -12,6 +12,7 @@ memory stays near the model's own size.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def _check_compvis(state: dict, source: str) -> None:
 
 def _count(state: dict, pattern: str) -> int:
     found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    # Counts only as far as the keys go: a lone "layers.99999" must not build 10**5 layers.
+    if found and len(found) != max(found) + 1:
+        raise CheckpointError(
+            f"the indices of {pattern!r} in the weights' names skip numbers "
+            f"({sorted(found)[:8]}...): not a layout keras-sd knows"
+        )
     return max(found) + 1 if found else 0
 
 
@@ -173,23 +180,37 @@ def _merge(config: dict, overrides: dict) -> dict:
     return config
 
 
+@contextlib.contextmanager
+def _layout_errors(source: str):
+    """Keys or shapes no SD 1.x/2.x checkpoint has become a CheckpointError naming the
+    file, not a traceback from deep inside the key mapping."""
+    try:
+        yield
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
+        raise CheckpointError(
+            f"{source}: the weights do not form a Stable Diffusion 1.x/2.x layout "
+            f"({type(err).__name__}: {str(err)[:300]})."
+        ) from None
+
+
 def _single_file(path: Path, use_ema: bool, config, prediction_type):
     """(diffusers-layout parts, model config, prediction type) of a CompVis file."""
     source = str(path)
     state = diffusers_folder.read_weights_file(path)
     _check_compvis(state, source)
-    variant = detect_variant(state)
-    try:
+    with _layout_errors(source):
+        variant = detect_variant(state)
         parts = compvis_to_diffusers(state, use_ema=use_ema)
-    except ValueError as err:
-        raise CheckpointError(f"{source}: {err}.") from None
     if config is None and variant["version"] == "sd2":
         prediction_type = prediction_type or _sd2_prediction_type(path, variant["unet_in_channels"])
         config = "sd2" if prediction_type == "v_prediction" else "sd2-base"
     config = presets.resolve_model_config(config or "sd1")
-    config["unet"] = _unet_config(parts["unet"], config["unet"])
-    config["vae"] = _vae_config(parts["vae"], config["vae"])
-    config["text_encoder"] = _text_config(parts["text_encoder"], config["text_encoder"])
+    with _layout_errors(source):
+        config["unet"] = _unet_config(parts["unet"], config["unet"])
+        config["vae"] = _vae_config(parts["vae"], config["vae"])
+        config["text_encoder"] = _text_config(parts["text_encoder"], config["text_encoder"])
     return parts, config, prediction_type
 
 
@@ -225,7 +246,7 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
         check_floating(select_entries(state, key_prefix, ignore), source)
     dtype = keras.config.dtype_policy().variable_dtype
     with Prefetch([state[1:] for state in order], dtype) as prefetch:
-        models = deferred.build_models_deferred(config)
+        models = deferred.build_models_deferred(config, source)
         try:
             pairs = [
                 pair

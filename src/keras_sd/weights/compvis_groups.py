@@ -108,7 +108,10 @@ def _unet_groups(levels: int, per_level: int, upsampler_slot: list[int]) -> Grou
 
 def unet_groups_from_compvis(keys) -> Groups:
     """CompVis -> diffusers UNet groups for the structure of CompVis `keys`."""
-    n_inputs = max(indices(keys, r"input_blocks\.(\d+)\."), default=-1) + 1
+    found = indices(keys, r"input_blocks\.(\d+)\.")
+    n_inputs = max(found, default=-1) + 1
+    if len(found) != n_inputs:  # a block index with nothing below it is no layout
+        raise ValueError(f"input block indices {sorted(found)[:8]}... are not 0, 1, 2, ...")
     levels = len(indices(keys, r"input_blocks\.(\d+)\.0\.op\.")) + 1
     per_level = n_inputs // levels - 1
     if per_level < 1 or n_inputs != levels * (per_level + 1):

@@ -271,7 +271,7 @@ def _header_entry(path, name: str, info) -> tuple[int, int, str, tuple]:
     if begin > end or end - begin != math.prod(shape) * dtype.itemsize:
         raise _unreadable(
             path,
-            f"tensor {name!r} has offsets {[begin, end]}, which do not hold "
+            f"tensor {name!r} has inconsistent offsets {[begin, end]} for "
             f"{tag} values of shape {list(shape)}",
         )
     return begin, end, tag, tuple(shape)
