@@ -20,7 +20,12 @@ from keras_sd.models.vae import VAEDecoder, VAEEncoder
 from keras_sd.weights.diffusers import TEXT_ENCODER_IGNORED, load_components
 from keras_sd.weights.native import read_pipeline_metadata
 from keras_sd.weights.safetensors_io import read_safetensors
-from keras_sd.weights.state_dict import CheckpointError, check_floating, select_entries
+from keras_sd.weights.state_dict import (
+    CheckpointError,
+    check_floating,
+    refusing,
+    select_entries,
+)
 
 FORMAT = "keras_sd.bundle"
 VERSION = "1"
@@ -86,10 +91,8 @@ def bundle_kwargs(
     >>> sd = StableDiffusion(**bundle_kwargs("tiny-shapes.safetensors"))  # doctest: +SKIP
     """
     metadata, states = read_bundle(path)
-    try:
+    with refusing(os.fspath(path), "its stored metadata is malformed"):
         config, width, height = read_pipeline_metadata(metadata)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
     for state in states.values():
         check_floating(select_entries(state, "", TEXT_ENCODER_IGNORED), os.fspath(path))
     if prediction_type is not None:
@@ -100,17 +103,13 @@ def bundle_kwargs(
     states = {
         name: {k: v.astype(dtype) for k, v in state.items()} for name, state in states.items()
     }
-    try:
+    with refusing(os.fspath(path), "its stored config does not build the models"):
         models = {
             "text_encoder": CLIPTextEncoder(**config["text_encoder"]),
             "diffusion_model": UNet(**config["unet"]),
             "decoder": VAEDecoder(**config["vae"]),
             "image_encoder": VAEEncoder(**config["vae"]),
         }
-    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
-        raise CheckpointError(
-            f"{path}: its stored config does not build the models ({type(err).__name__}: {err})."
-        ) from None
     load_components(SimpleNamespace(**models), **states)
     return {
         "config": config,

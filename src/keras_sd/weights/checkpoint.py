@@ -12,7 +12,6 @@ memory stays near the model's own size.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 
@@ -40,9 +39,15 @@ from keras_sd.weights.compvis import (
     diffusers_to_compvis,
 )
 from keras_sd.weights.prefetch import Prefetch
-from keras_sd.weights.state_dict import CheckpointError, check_floating, select_entries
+from keras_sd.weights.state_dict import (
+    CheckpointError,
+    check_floating,
+    refusing,
+    select_entries,
+)
 
 LAYOUTS = ("compvis", "diffusers", "keras")
+_NOT_SD = "the weights do not form a Stable Diffusion 1.x/2.x layout"
 COMPONENTS = tuple(deferred.MODELS)  # the StableDiffusion attributes that hold weights
 
 
@@ -180,34 +185,19 @@ def _merge(config: dict, overrides: dict) -> dict:
     return config
 
 
-@contextlib.contextmanager
-def _layout_errors(source: str):
-    """Keys or shapes no SD 1.x/2.x checkpoint has become a CheckpointError naming the
-    file, not a traceback from deep inside the key mapping."""
-    try:
-        yield
-    except CheckpointError as err:
-        raise CheckpointError(f"{source}: {err}") from None
-    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
-        raise CheckpointError(
-            f"{source}: the weights do not form a Stable Diffusion 1.x/2.x layout "
-            f"({type(err).__name__}: {str(err)[:300]})."
-        ) from None
-
-
 def _single_file(path: Path, use_ema: bool, config, prediction_type):
     """(diffusers-layout parts, model config, prediction type) of a CompVis file."""
     source = str(path)
     state = diffusers_folder.read_weights_file(path)
     _check_compvis(state, source)
-    with _layout_errors(source):
+    with refusing(source, _NOT_SD):
         variant = detect_variant(state)
         parts = compvis_to_diffusers(state, use_ema=use_ema)
     if config is None and variant["version"] == "sd2":
         prediction_type = prediction_type or _sd2_prediction_type(path, variant["unet_in_channels"])
         config = "sd2" if prediction_type == "v_prediction" else "sd2-base"
     config = presets.resolve_model_config(config or "sd1")
-    with _layout_errors(source):
+    with refusing(source, _NOT_SD):
         config["unet"] = _unet_config(parts["unet"], config["unet"])
         config["vae"] = _vae_config(parts["vae"], config["vae"])
         config["text_encoder"] = _text_config(parts["text_encoder"], config["text_encoder"])

@@ -21,7 +21,7 @@ import keras
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
-from keras_sd.weights.state_dict import CheckpointError
+from keras_sd.weights.state_dict import refusing
 
 # StableDiffusion attribute -> model class and its config key.
 MODELS = {
@@ -67,16 +67,10 @@ def build_models_deferred(config: dict, source: str | None = None) -> dict:
     With `source` (the file the config was read from), a config that does not build
     raises a `CheckpointError` naming that file.
     """
-    try:
+    what = "its stored config does not build the models"
+    with contextlib.nullcontext() if source is None else refusing(source, what):
         with keras.StatelessScope(initialize_variables=False):
             return {attr: cls(**config[key]) for attr, (cls, key) in MODELS.items()}
-    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
-        if source is None:
-            raise
-        raise CheckpointError(
-            f"{source}: its stored config does not build the models "
-            f"({type(err).__name__}: {str(err)[:300]})."
-        ) from None
 
 
 def forget_deferred(models) -> None:

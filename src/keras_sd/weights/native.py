@@ -42,6 +42,7 @@ from keras_sd.weights.state_dict import (
     check_floating,
     describe_problems,
     named_variables,
+    refusing,
 )
 
 FORMAT = "keras_sd.keras_layout"
@@ -203,10 +204,8 @@ def keras_layout_kwargs(
             f"{metadata.get('format')!r}, expected {FORMAT!r}); load it with "
             "StableDiffusion.from_checkpoint."
         )
-    try:
+    with refusing(path, "its stored metadata is malformed"):
         config, width, height = read_pipeline_metadata(metadata)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
     if prediction_type is not None:
         config["scheduler"] = {**config.get("scheduler", {}), "prediction_type": prediction_type}
     models = deferred.build_models_deferred(config, path)

@@ -12,6 +12,8 @@ and [kh, kw, in, out].
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from keras import layers
 
@@ -30,6 +32,28 @@ NAME_SEPARATOR = "-"
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the model it is loaded into."""
+
+
+@contextlib.contextmanager
+def refusing(source: str, what: str):
+    """Errors raised while using what a file says (its keys, shapes, config) become a
+    `CheckpointError` that names the file, instead of a traceback from deep inside.
+
+    Example:
+    >>> with refusing("model.safetensors", "its config does not build the models"):
+    ...     {}["unet"]
+    Traceback (most recent call last):
+    ...
+    keras_sd.weights.state_dict.CheckpointError: model.safetensors: its config ... 'unet').
+    """
+    try:
+        yield
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
+        raise CheckpointError(
+            f"{source}: {what} ({type(err).__name__}: {str(err)[:300]})."
+        ) from None
 
 
 def _param_name(layer, variable) -> str:
