@@ -248,3 +248,27 @@ def test_weights_stored_as_integers_are_refused(tmp_path, tiny_sd):
     path.write_bytes(bytes(data[:8]) + blob + bytes(data[8 + length :]))
     with pytest.raises(CheckpointError, match=r"non-floating dtypes: conv_out.weight \(int32\)"):
         StableDiffusion.from_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: s.update({"model.diffusion_model.input_blocks.0.0.weight": np.zeros(8, "f4")}),
+        lambda s: s.update(
+            {
+                "model.diffusion_model.input_blocks.99999.0.op.weight": s.pop(
+                    "model.diffusion_model.input_blocks.3.0.op.weight"
+                )
+            }
+        ),
+        lambda s: s.update({"model.diffusion_model.out.2.weight": np.zeros((10**9, 0), "f4")}),
+    ],
+    ids=["vector-kernel", "far-block-index", "zero-size-giant"],
+)
+def test_compvis_layouts_no_sd_has_are_refused(tmp_path, tiny_sd, edit):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(tiny_sd, path)
+    state = {k: v.read() for k, v in safetensors_io.read_safetensors(path)[0].items()}
+    edit(state)
+    safetensors_io.write_safetensors(path, state)
+    _refused_cheaply(path, "model.safetensors", load=StableDiffusion.from_checkpoint, limit_mb=200)

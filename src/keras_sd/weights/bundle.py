@@ -22,7 +22,7 @@ from keras_sd.weights.native import read_pipeline_metadata
 from keras_sd.weights.safetensors_io import read_safetensors
 from keras_sd.weights.state_dict import (
     CheckpointError,
-    check_floating,
+    check_stored_weights,
     refusing,
     select_entries,
 )
@@ -94,7 +94,7 @@ def bundle_kwargs(
     with refusing(os.fspath(path), "its stored metadata is malformed"):
         config, width, height = read_pipeline_metadata(metadata)
     for state in states.values():
-        check_floating(select_entries(state, "", TEXT_ENCODER_IGNORED), os.fspath(path))
+        check_stored_weights(select_entries(state, "", TEXT_ENCODER_IGNORED), os.fspath(path))
     if prediction_type is not None:
         config["scheduler"] = {**config.get("scheduler", {}), "prediction_type": prediction_type}
     dtype = keras.mixed_precision.global_policy().variable_dtype

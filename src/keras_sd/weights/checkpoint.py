@@ -41,7 +41,7 @@ from keras_sd.weights.compvis import (
 from keras_sd.weights.prefetch import Prefetch
 from keras_sd.weights.state_dict import (
     CheckpointError,
-    check_floating,
+    check_stored_weights,
     refusing,
     select_entries,
 )
@@ -233,7 +233,7 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
     """
     order = component_states(parts)
     for _, state, key_prefix, ignore in order:
-        check_floating(select_entries(state, key_prefix, ignore), source)
+        check_stored_weights(select_entries(state, key_prefix, ignore), source)
     dtype = keras.config.dtype_policy().variable_dtype
     with Prefetch([state[1:] for state in order], dtype) as prefetch:
         models = deferred.build_models_deferred(config, source)

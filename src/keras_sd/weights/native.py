@@ -39,7 +39,7 @@ from keras_sd import backend
 from keras_sd.weights import deferred, safetensors_io
 from keras_sd.weights.state_dict import (
     CheckpointError,
-    check_floating,
+    check_stored_weights,
     describe_problems,
     named_variables,
     refusing,
@@ -243,7 +243,7 @@ def _match(models: dict, tensors: dict, mapped: dict, source: str) -> list:
         raise CheckpointError(
             f"{source} does not match the models its config describes: " + "; ".join(problems) + "."
         )
-    check_floating(tensors, source)
+    check_stored_weights(tensors, source)
     return [
         (variable, _value_function(tensors[key], variable, mapped.get(key)))
         for key, variable in expected.items()

@@ -175,16 +175,18 @@ def select_entries(state_dict: dict, prefix: str = "", ignore=()) -> dict:
     return {k: v for k, v in found.items() if not k.endswith(tuple(ignore))}
 
 
-def check_floating(tensors: dict, source: str) -> None:
-    """Refuse weights stored with a non-floating dtype: every SD weight is a float, and
-    integer bits read as weights would give garbage without any error.
+def check_stored_weights(tensors: dict, source: str) -> None:
+    """Refuse weights stored with a non-floating dtype or an empty dimension: every SD
+    weight is a non-empty float tensor, integer bits read as weights give garbage
+    without any error, and an empty tensor's other dimensions cost nothing to state
+    but size the model built from them.
 
     Raises:
-        CheckpointError: naming the entries and their dtypes.
+        CheckpointError: naming the entries and their dtypes or shapes.
 
     Example:
-    >>> check_floating({"w": np.zeros(2, "float16")}, "model.safetensors")
-    >>> check_floating({"w": np.zeros(2, "int32")}, "model.safetensors")
+    >>> check_stored_weights({"w": np.zeros(2, "float16")}, "model.safetensors")
+    >>> check_stored_weights({"w": np.zeros(2, "int32")}, "model.safetensors")
     Traceback (most recent call last):
     ...
     keras_sd.weights.state_dict.CheckpointError: model.safetensors stores ...: w (int32).
@@ -195,6 +197,9 @@ def check_floating(tensors: dict, source: str) -> None:
         raise CheckpointError(
             f"{source} stores weights as non-floating dtypes: {', '.join(bad[:5])}."
         )
+    empty = [f"{key} {tuple(value.shape)}" for key, value in tensors.items() if 0 in value.shape]
+    if empty:
+        raise CheckpointError(f"{source} stores empty weights: {', '.join(empty[:5])}.")
 
 
 def match_state_dict(model, state_dict: dict, prefix: str = "", ignore=()):
