@@ -335,11 +335,11 @@ def checkpoint_kwargs(
     config = _merge(config, overrides)
     models = _load_models(config, parts, str(path))
     v_prediction = config["scheduler"].get("prediction_type") == "v_prediction"
-    default = folder_size or (768 if v_prediction else 512)
+    default_height, default_width = folder_size or (768 if v_prediction else 512,) * 2
     return {
         "config": config,
-        "img_width": img_width or img_size or default,
-        "img_height": img_height or img_size or default,
+        "img_width": img_width or img_size or default_width,
+        "img_height": img_height or img_size or default_height,
         **models,
     }
 
