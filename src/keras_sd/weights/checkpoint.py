@@ -346,7 +346,15 @@ def checkpoint_kwargs(
 
 # ----------------------------------------------------------------------- saving
 def export_parts_lazy(models: dict) -> dict:
-    """Diffusers-layout state dicts of `{StableDiffusion attribute: model}`, read lazily."""
+    """Diffusers-layout state dicts of `{StableDiffusion attribute: model}`, read lazily.
+
+    Example:
+    >>> from keras_sd import StableDiffusion
+    >>> sd = StableDiffusion(32, 32, config="tiny")
+    >>> names = ("diffusion_model", "image_encoder", "decoder", "text_encoder")
+    >>> sorted(export_parts_lazy({n: getattr(sd, n) for n in names}))
+    ['text_encoder', 'unet', 'vae']
+    """
     return {
         "unet": transpose.export_lazy(models["diffusion_model"]),
         "vae": {
