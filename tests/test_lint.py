@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-PATHS = ["src", "tests", "benchmarks", "examples"]
+PATHS = ["src", "tests", "benchmarks", "examples", "tools"]
 
 
 def _ruff(*args) -> subprocess.CompletedProcess:
