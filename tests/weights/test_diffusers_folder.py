@@ -131,6 +131,17 @@ def test_rectangular_unet_sample_size_sets_height_and_width(tmp_path):
     assert image.shape == (1, sample_size[0] * factor, sample_size[1] * factor, 3)
 
 
+def test_saved_rectangular_folder_keeps_its_size(tmp_path):
+    sd = StableDiffusion(32, 48, config="tiny")
+    sd.save_checkpoint(tmp_path / "folder", layout="diffusers")
+    config = json.loads((tmp_path / "folder" / "unet" / "config.json").read_text())
+    assert config["sample_size"] == [32 // sd.latent_factor, 48 // sd.latent_factor]
+
+    again = StableDiffusion.from_checkpoint(tmp_path / "folder", config="tiny")
+
+    assert (again.img_height, again.img_width) == (32, 48)
+
+
 def test_bad_sample_size_is_a_checkpoint_error(tmp_path):
     folder = _save(_models(), tmp_path / "model")
     config = json.loads((folder / "unet" / "config.json").read_text())

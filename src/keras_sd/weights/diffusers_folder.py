@@ -147,7 +147,7 @@ def _tokenizer_config(cfg: dict, base: dict) -> dict:
     return out
 
 
-def model_config(configs: dict, base, source: str) -> tuple[dict, int | None]:
+def model_config(configs: dict, base, source: str) -> tuple[dict, tuple[int, int] | None]:
     """A keras-sd model configuration from a folder's json configs, and its image size.
 
     Args:
@@ -199,11 +199,12 @@ def _image_size(sample, config: dict, source: str) -> tuple[int, int] | None:
 # ----------------------------------------------------------------------- writing
 def _configs(sd, dtype: str) -> dict:
     u, v, t = (m.get_config() for m in (sd.diffusion_model, sd.decoder, sd.text_encoder))
+    height, width = sd.img_height // sd.latent_factor, sd.img_width // sd.latent_factor
     scheduler = type(sd.scheduler).__name__  # diffusers uses the same class names
     return {
         "unet": {
             "_class_name": "UNet2DConditionModel",
-            "sample_size": sd.img_height // sd.latent_factor,
+            "sample_size": height if height == width else [height, width],
             **{k: u[k] for k in ("in_channels", "out_channels", "block_out_channels")},
             **{k: u[k] for k in ("layers_per_block", "cross_attention_dim", "norm_num_groups")},
             **{k: u[k] for k in ("use_linear_projection", "upcast_attention", "norm_eps")},
