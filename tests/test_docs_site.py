@@ -119,3 +119,16 @@ def test_strict_build_fails_on_a_broken_link(tmp_path):
 
     assert result.returncode != 0
     assert "missing.md" in result.stdout + result.stderr
+
+
+def test_docstring_examples_are_fenced_as_code():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from griffe_doctest import fence_examples
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    text = "Example:\n>>> x = [[1]]\n>>> x[0][0]\n1\n\nAfter."
+    assert fence_examples(text) == (
+        "Example:\n```pycon\n>>> x = [[1]]\n>>> x[0][0]\n1\n```\n\nAfter."
+    )
+    assert fence_examples("No example [a][b].") == "No example [a][b]."
