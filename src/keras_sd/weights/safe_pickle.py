@@ -51,7 +51,12 @@ _EXTENSIONS_ALL = (".safetensors", *_EXTENSIONS_TORCH)
 
 
 class UnsafeCheckpointError(ValueError):
-    """A checkpoint names a Python global that loading it safely cannot allow."""
+    """A checkpoint names a Python global that loading it safely cannot allow.
+
+    Example:
+    >>> issubclass(UnsafeCheckpointError, ValueError)
+    True
+    """
 
 
 class _Record:
