@@ -23,6 +23,14 @@ JIT_CHOICES = (True, False, "auto")
 
 
 def validate_jit_compile(jit_compile) -> None:
+    """Refuse a `jit_compile` other than True, False or "auto", naming the choices.
+
+    Example:
+    >>> validate_jit_compile("auto")
+    >>> validate_jit_compile("xla")
+    Traceback (most recent call last):
+    ValueError: jit_compile must be one of True, False or 'auto'; received 'xla'.
+    """
     if jit_compile not in JIT_CHOICES or not isinstance(jit_compile, (bool, str)):
         raise ValueError(
             f"jit_compile must be one of True, False or 'auto'; received {jit_compile!r}."
@@ -149,7 +157,14 @@ def _traced_for_xla(fn):
 
 
 def model_state(model):
-    """The current variable values of `model`, in `stateless_call` order."""
+    """The current variable values of `model`, in `stateless_call` order.
+
+    Example:
+    >>> import keras
+    >>> trainable, non_trainable = model_state(keras.layers.Dense(2))
+    >>> len(trainable), len(non_trainable)
+    (0, 0)
+    """
     return (
         [v.value for v in model.trainable_variables],
         [v.value for v in model.non_trainable_variables],
@@ -157,7 +172,16 @@ def model_state(model):
 
 
 def stateless(model):
-    """Return `call(state, *args)`: `model(*args)` with weights given by `state`."""
+    """Return `call(state, *args)`: `model(*args)` with weights given by `state`.
+
+    Example:
+    >>> import keras, numpy as np
+    >>> dense = keras.layers.Dense(1, use_bias=False)
+    >>> dense.build((None, 2))
+    >>> state = ([np.array([[1.0], [2.0]], "float32")], [])
+    >>> float(stateless(dense)(state, np.array([[1.0, 1.0]], "float32"))[0, 0])
+    3.0
+    """
 
     def call(state, *args):
         trainable, non_trainable = state
@@ -172,6 +196,10 @@ def supports_step_callback(jit_compile) -> bool:
 
     TensorFlow cannot call Python from inside XLA; its plain graphs, `jax.jit`
     and eager PyTorch can.
+
+    Example:
+    >>> supports_step_callback(False)
+    True
     """
     return not (keras.backend.backend() == "tensorflow" and resolve_jit_compile(jit_compile))
 
@@ -181,6 +209,16 @@ def step_callback(fn, step, after) -> None:
 
     `after` is a tensor the call waits for (a slice of the step's result), so the
     host hears of a step only once it is computed.
+
+    Example:
+    >>> import keras
+    >>> seen = []
+    >>> def body(i, x):
+    ...     step_callback(seen.append, i, x)
+    ...     return x + 1.0
+    >>> _ = compile_function(lambda: keras.ops.fori_loop(0, 3, body, 0.0), jit_compile=False)()
+    >>> seen
+    [0, 1, 2]
     """
     name = keras.backend.backend()
     if name == "tensorflow":
@@ -196,7 +234,13 @@ def step_callback(fn, step, after) -> None:
 
 
 def no_grad():
-    """Context that disables gradient tracking where the backend tracks it eagerly."""
+    """Context that disables gradient tracking where the backend tracks it eagerly.
+
+    Example:
+    >>> import keras
+    >>> with no_grad():
+    ...     y = keras.ops.ones((2,)) * 2
+    """
     if keras.backend.backend() == "torch":
         import torch
 

@@ -186,7 +186,12 @@ class StableDiffusion(pipeline.StableDiffusion):
 
 
 class StableDiffusionV2(StableDiffusion):
-    """KerasCV's `StableDiffusionV2` (SD 2.1-base, 512 px) on keras-sd; see `StableDiffusion`."""
+    """KerasCV's `StableDiffusionV2` (SD 2.1-base, 512 px) on keras-sd; see `StableDiffusion`.
+
+    Example:
+    >>> sd = StableDiffusionV2(img_width=512, img_height=512)  # doctest: +SKIP
+    >>> images = sd.text_to_image("photograph of an astronaut", batch_size=1)  # doctest: +SKIP
+    """
 
     model_config = "sd2-base"
 

@@ -189,6 +189,11 @@ class Scheduler(abc.ABC):
         prediction_type: what the model predicts, one of PREDICTION_TYPES.
         timestep_spacing: one of TIMESTEP_SPACINGS.
         steps_offset: added to "leading" timesteps.
+
+    Example:
+    >>> from keras_sd.schedulers import DDIMScheduler
+    >>> isinstance(DDIMScheduler(), Scheduler), Scheduler.init_noise_sigma
+    (True, 1.0)
     """
 
     # Standard deviation of the initial noise of a text-to-image run.

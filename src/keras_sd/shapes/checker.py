@@ -48,6 +48,13 @@ class CheckResult:
     Attributes:
         background_ok, color_ok, shape_ok: whether each recovered part equals the prompt's.
         background, color, shape: the recovered names (None when no shape was found).
+
+    Example:
+        >>> from keras_sd.shapes.dataset import Combination, render
+        >>> image = render(Combination("circle", "red", "blue"))
+        >>> result = check(image, "a red circle on a blue background")
+        >>> result.ok, result.color
+        (True, 'red')
     """
 
     background_ok: bool
@@ -147,7 +154,12 @@ def _downscale(pixels: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
-    """The background, colour and shape names read from an image (None: no shape found)."""
+    """The background, colour and shape names read from an image (None: no shape found).
+
+    Example:
+        >>> Reading("blue", "red", "circle").shape
+        'circle'
+    """
 
     background: str
     color: str | None

@@ -37,6 +37,12 @@ def sample_posterior(moments, noise):
     Args:
         moments: encoder output [B, h, w, 2C].
         noise: standard normal [B, h, w, C].
+
+    Example:
+    >>> import numpy as np
+    >>> moments = np.concatenate([np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1))], -1)
+    >>> float(sample_posterior(moments, np.full((1, 1, 1, 1), 2.0))[0, 0, 0, 0])  # 1 + 1 * 2
+    3.0
     """
     mean, logvar = split_moments(moments)
     return mean + ops.exp(0.5 * logvar) * ops.cast(noise, "float32")
@@ -47,6 +53,11 @@ def kl_divergence(moments):
 
     Kingma & Welling 2014 ("Auto-Encoding Variational Bayes"), appendix B:
     -KL = 1/2 * sum(1 + logvar - mean^2 - var).
+
+    Example:
+    >>> import numpy as np
+    >>> float(kl_divergence(np.zeros((1, 2, 2, 8), "float32"))[0])  # N(0, I) itself
+    0.0
     """
     mean, logvar = split_moments(moments)
     per_element = ops.square(mean) + ops.exp(logvar) - 1.0 - logvar

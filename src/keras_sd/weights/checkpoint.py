@@ -349,18 +349,26 @@ def checkpoint_kwargs(
     config = _merge(config, overrides)
     models = _load_models(config, parts, str(path))
     v_prediction = config["scheduler"].get("prediction_type") == "v_prediction"
-    default = folder_size or (768 if v_prediction else 512)
+    default_height, default_width = folder_size or (768 if v_prediction else 512,) * 2
     return {
         "config": config,
-        "img_width": img_width or img_size or default,
-        "img_height": img_height or img_size or default,
+        "img_width": img_width or img_size or default_width,
+        "img_height": img_height or img_size or default_height,
         **models,
     }
 
 
 # ----------------------------------------------------------------------- saving
 def export_parts_lazy(models: dict) -> dict:
-    """Diffusers-layout state dicts of `{StableDiffusion attribute: model}`, read lazily."""
+    """Diffusers-layout state dicts of `{StableDiffusion attribute: model}`, read lazily.
+
+    Example:
+    >>> from keras_sd import StableDiffusion
+    >>> sd = StableDiffusion(32, 32, config="tiny")
+    >>> names = ("diffusion_model", "image_encoder", "decoder", "text_encoder")
+    >>> sorted(export_parts_lazy({n: getattr(sd, n) for n in names}))
+    ['text_encoder', 'unet', 'vae']
+    """
     return {
         "unet": transpose.export_lazy(models["diffusion_model"]),
         "vae": {

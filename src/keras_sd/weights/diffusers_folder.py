@@ -8,6 +8,7 @@ folder that `diffusers.StableDiffusionPipeline.from_pretrained` loads offline.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from keras_sd import presets
@@ -47,27 +48,49 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {err}.") from None
 
 
+def _weight_file_names(name: str) -> list[str]:
+    # A variant goes before the extension of a single file (`model.fp16.safetensors`)
+    # but before `.json` in a shard index (`model.safetensors.index.fp16.json`).
+    return [
+        file
+        for ext in ("safetensors", "bin")
+        for variant in ("", ".fp16")
+        for file in (f"{name}{variant}.{ext}", f"{name}.{ext}.index{variant}.json")
+    ]
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index names, each a plain file name beside the index."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no 'weight_map' of parameter names to shard files.")
+    for shard in weight_map.values():
+        # A shard name is data from the file: never let it reach outside the folder.
+        if not isinstance(shard, str) or shard in ("", ".", "..") or re.search(r"[/\\:]", shard):
+            raise CheckpointError(
+                f"{index} names the shard {shard!r}; a shard must be a file name in the "
+                "index's own folder (no path separators or '..')."
+            )
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index} names the shard {shard}, which is missing.")
+    return sorted(set(weight_map.values()))
+
+
 def _component_weights(folder: Path, component: str) -> dict:
     names = [WEIGHT_FILES[component], _TORCH_WEIGHT_FILES.get(component)]
-    candidates = [
-        folder / f"{name}{variant}{ext}"
-        for name in names
-        if name
-        for ext in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
-        for variant in ("", ".fp16")
-    ]
+    candidates = [folder / file for name in names if name for file in _weight_file_names(name)]
     for path in candidates:
         if not path.is_file():
             continue
-        if not path.name.endswith(".index.json"):
+        if not path.name.endswith(".json"):
             return read_weights_file(path)
         state = {}
-        for shard in sorted(set(_read_json(path).get("weight_map", {}).values())):
+        for shard in _shard_names(path):
             state.update(read_weights_file(folder / shard))
         return state
     raise CheckpointError(
         f"{folder} holds no weights file; expected one of "
-        f"{', '.join(p.name for p in candidates[:4])} (or a .bin or sharded variant)."
+        f"{', '.join(p.name for p in candidates[:4])} (or a .bin or fp16 variant)."
     )
 
 
@@ -79,20 +102,20 @@ def read_folder(path: Path) -> tuple[dict, dict]:
     the key "added_tokens_by_id").
 
     Raises:
-        CheckpointError: a component folder, its config or its weights file is missing.
+        CheckpointError: a component folder, its config or its weights file is missing,
+            a config asks for something keras-sd does not implement, or a shard index
+            names a file outside its folder.
     """
-    states, configs = {}, {}
+    configs = {}
     for component in WEIGHT_FILES:
-        folder = path / component
-        if not folder.is_dir():
+        if not (path / component).is_dir():
             raise CheckpointError(
                 f"diffusers folder {path} has no '{component}' folder. A Stable Diffusion folder "
                 "needs unet/, vae/ and text_encoder/, each with config.json and weights "
                 "(scheduler/ and tokenizer/ are optional); for a single-file checkpoint pass "
                 "the .safetensors or .ckpt file itself."
             )
-        configs[component] = _read_json(folder / "config.json")
-        states[component] = _component_weights(folder, component)
+        configs[component] = _read_json(path / component / "config.json")
     if (path / "scheduler" / "scheduler_config.json").is_file():
         configs["scheduler"] = _read_json(path / "scheduler" / "scheduler_config.json")
     tokenizer = path / "tokenizer"
@@ -100,6 +123,11 @@ def read_folder(path: Path) -> tuple[dict, dict]:
         configs["tokenizer"] = _read_json(tokenizer / "tokenizer_config.json")
         if (tokenizer / "added_tokens.json").is_file():
             configs["tokenizer"]["added_tokens_by_id"] = _read_json(tokenizer / "added_tokens.json")
+    # Refuse what keras-sd cannot build before reading gigabytes of weights.
+    model_config(configs, "sd1", str(path))
+    states = {
+        component: _component_weights(path / component, component) for component in WEIGHT_FILES
+    }
     return states, configs
 
 
@@ -119,7 +147,7 @@ def _tokenizer_config(cfg: dict, base: dict) -> dict:
     return out
 
 
-def model_config(configs: dict, base, source: str) -> tuple[dict, int | None]:
+def model_config(configs: dict, base, source: str) -> tuple[dict, tuple[int, int] | None]:
     """A keras-sd model configuration from a folder's json configs, and its image size.
 
     Args:
@@ -129,7 +157,11 @@ def model_config(configs: dict, base, source: str) -> tuple[dict, int | None]:
         source: the folder, for error messages.
 
     Returns:
-        `(config, img_size)`; `img_size` is the UNet's `sample_size` in pixels, or None.
+        `(config, (height, width))`: the UNet's `sample_size` (a number or `[h, w]`) in
+        pixels, or `(config, None)` when the config has none.
+
+    Raises:
+        CheckpointError: a config asks for something keras-sd does not implement.
     """
     config = presets.resolve_model_config(base)
     try:
@@ -138,23 +170,41 @@ def model_config(configs: dict, base, source: str) -> tuple[dict, int | None]:
         config["text_encoder"] = clip_text.config_from_transformers(configs["text_encoder"])
         if "scheduler" in configs:
             config["scheduler"] = registry.config_from_diffusers(configs["scheduler"])
+            registry.build_scheduler(config["scheduler"])  # refuses unsupported settings
     except ValueError as err:
         raise CheckpointError(f"{source}: {err}.") from None
     if "tokenizer" in configs:
         config["tokenizer"] = _tokenizer_config(configs["tokenizer"], config["tokenizer"])
-    sample = configs["unet"].get("sample_size")
+    return config, _image_size(configs["unet"].get("sample_size"), config, source)
+
+
+def _image_size(sample, config: dict, source: str) -> tuple[int, int] | None:
+    if sample is None:
+        return None
+    if isinstance(sample, int) and not isinstance(sample, bool):
+        sample = [sample, sample]
+    if (
+        not isinstance(sample, (list, tuple))
+        or len(sample) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample)
+    ):
+        raise CheckpointError(
+            f"{source}: unet sample_size must be a positive integer or [height, width]; "
+            f"received {sample!r}."
+        )
     factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
-    return config, sample * factor if isinstance(sample, int) else None
+    return sample[0] * factor, sample[1] * factor
 
 
 # ----------------------------------------------------------------------- writing
 def _configs(sd, dtype: str) -> dict:
     u, v, t = (m.get_config() for m in (sd.diffusion_model, sd.decoder, sd.text_encoder))
+    height, width = sd.img_height // sd.latent_factor, sd.img_width // sd.latent_factor
     scheduler = type(sd.scheduler).__name__  # diffusers uses the same class names
     return {
         "unet": {
             "_class_name": "UNet2DConditionModel",
-            "sample_size": sd.img_height // sd.latent_factor,
+            "sample_size": height if height == width else [height, width],
             **{k: u[k] for k in ("in_channels", "out_channels", "block_out_channels")},
             **{k: u[k] for k in ("layers_per_block", "cross_attention_dim", "norm_num_groups")},
             **{k: u[k] for k in ("use_linear_projection", "upcast_attention", "norm_eps")},

@@ -16,7 +16,12 @@ from keras_sd.weights.checkpoint import checkpoint_kwargs
 
 
 class PresetUnavailableError(FileNotFoundError):
-    """A preset's weights are not in the cache and cannot be downloaded now."""
+    """A preset's weights are not in the cache and cannot be downloaded now.
+
+    Example:
+    >>> issubclass(PresetUnavailableError, FileNotFoundError)  # one `except` for both
+    True
+    """
 
 
 def _check_name(name: str) -> dict:

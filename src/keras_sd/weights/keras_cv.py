@@ -201,6 +201,10 @@ def read_keras_cv_h5(path) -> list:
     Raises:
         FileNotFoundError: `path` does not exist.
         ValueError: the file is not a readable HDF5 weights file.
+
+    Example:
+    >>> weights = read_keras_cv_h5("kcv_diffusion_model.h5")  # doctest: +SKIP
+    >>> [w.shape for w in weights[:2]]  # doctest: +SKIP
     """
     import h5py
 
