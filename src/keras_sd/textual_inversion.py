@@ -38,6 +38,7 @@ class TextualInversionMixin:
         """The embedding rows [N, D] (float32) that an added token stands for.
 
         Example:
+        >>> from keras_sd import StableDiffusion
         >>> sd = StableDiffusion(64, 64, config="tiny")
         >>> sd.add_tokens("<s1>", initializer_token="circle", num_vectors=2)
         [49408, 49409]
@@ -77,10 +78,12 @@ class TextualInversionMixin:
             The new token ids.
 
         Example:
+        >>> from keras_sd import StableDiffusion
         >>> sd = StableDiffusion(64, 64, config="tiny")
         >>> sd.add_tokens("<s1>", initializer_token="circle")
         [49408]
-        >>> images = sd.text_to_image("a red <s1> on a blue background", num_steps=2, seed=0)
+        >>> sd.text_to_image("a red <s1> on a blue background", num_steps=2, seed=0).shape
+        (1, 64, 64, 3)
         """
         _check_token(token)
         if isinstance(num_vectors, bool) or not isinstance(num_vectors, int) or num_vectors < 1:
@@ -128,7 +131,11 @@ class TextualInversionMixin:
         return ids
 
     def set_token_vectors(self, token: str, vectors) -> None:
-        """Overwrite the rows of an added token (the text encoder's variable is kept)."""
+        """Overwrite the rows [N, D] of an added token (the text encoder's variable is kept).
+
+        Example:
+        >>> sd.set_token_vectors("<s1>", np.zeros((1, 768)))  # doctest: +SKIP
+        """
         ids = self.tokenizer.encode(token)[1:-1]
         rows = np.asarray(vectors, np.float32).reshape(len(ids), -1)
         variable = self.text_encoder.token_embedding.embeddings

@@ -120,7 +120,10 @@ def test_new_rows_start_from_the_initializer_and_read_like_the_table():
     trainer.apply_embedding()
     through_pipeline = keras.ops.convert_to_numpy(sd.encode_text("a red <s1> on a blue background"))
     np.testing.assert_allclose(through_trainer, through_pipeline, atol=1e-5)
-    assert np.abs(through_pipeline - keras.ops.convert_to_numpy(sd.encode_text("a red circle"))).max() > 0.1
+    assert (
+        np.abs(through_pipeline - keras.ops.convert_to_numpy(sd.encode_text("a red circle"))).max()
+        > 0.1
+    )
 
 
 def test_seeded_start_without_initializer():

@@ -119,7 +119,9 @@ def test_a1111_pt_and_safetensors_load(sd, tmp_path, num_vectors):
     token, read = read_embedding(tmp_path / "style.pt")
     assert token == "my-style"
     np.testing.assert_array_equal(read, vecs)
-    safetensors.torch.save_file({"emb_params": torch.from_numpy(vecs)}, tmp_path / "look.safetensors")
+    safetensors.torch.save_file(
+        {"emb_params": torch.from_numpy(vecs)}, tmp_path / "look.safetensors"
+    )
     assert read_embedding(tmp_path / "look.safetensors")[0] == "look"
     sd.load_textual_inversion(tmp_path / "look.safetensors", token=f"<look-{num_vectors}>")
     np.testing.assert_array_equal(sd.token_vectors(f"<look-{num_vectors}>"), vecs)

@@ -89,6 +89,7 @@ class TextualInversionTrainer(DiffusionTrainer):
         **kwargs: base `keras.Model` arguments.
 
     Example:
+    >>> import keras_sd
     >>> sd = keras_sd.StableDiffusion.from_preset("tiny-shapes")
     >>> trainer = TextualInversionTrainer(sd, "<s1>", initializer_token="circle", seed=0)
     >>> trainer.compile(optimizer=keras.optimizers.Adam(5e-3))
