@@ -190,3 +190,107 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 if __name__ == "__main__":
     print(json.dumps(train_and_compare(sys.argv[1])))
+
+
+def test_cli_train_ti_then_generate_with_the_embedding(tmp_path, capsys):
+    from keras_sd import cli
+    from keras_sd.shapes.dataset import Combination, render
+
+    folder = tmp_path / "stars"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(render(Combination("star", "yellow", "black"), 64, rng)).save(
+            folder / f"{i}.png"
+        )
+    out = tmp_path / "learned_embeds.safetensors"
+    argv = ["train-ti", str(folder), "--token", "<s1>", "--init-token", "circle"]
+    assert cli.main([*argv, "--steps", "2", "--batch-size", "3", "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    from keras_sd.weights.embeddings import read_embedding
+
+    token, vectors = read_embedding(out)
+    assert token == "<s1>" and vectors.shape == (1, 64) and np.isfinite(vectors).all()
+    image = tmp_path / "star.png"
+    prompt = "a red <s1> on a blue background"
+    argv = ["generate", prompt, "--embedding", str(out), "--steps", "2", "-o", str(image)]
+    assert cli.main(argv) == 0
+    assert np.asarray(Image.open(image)).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--token", "<my thing>"], "whitespace"),
+        (["--token", "<x>", "--init-token", "red car"], "one vocabulary token"),
+        (["--token", "<x>", "-o", "out.bin"], "must end in .safetensors"),
+        (["--token", "<x>", "--num-vectors", "0"], "must be positive"),
+    ],
+)
+def test_cli_train_ti_bad_arguments(tmp_path, capsys, argv, needle):
+    from keras_sd import cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    try:
+        status = cli.main(["train-ti", str(folder), *argv])
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    assert status == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_train_ti_empty_folder(tmp_path, capsys):
+    from keras_sd import cli
+
+    assert cli.main(["train-ti", str(tmp_path), "--token", "<x>"]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+COLOUR_PAIRS = [("red", "blue"), ("green", "white"), ("white", "red"), ("blue", "yellow")]
+
+
+def star_and_colour_rates(sd, seeds=20, num_steps=10):
+    """Shares of "a {colour} <s1> on a {background} background" images that the checker
+    reads as a star, and as the prompt's two colours."""
+    from keras_sd.shapes import checker
+
+    stars = colours = 0
+    for colour, background in COLOUR_PAIRS:
+        prompt = f"a {colour} <s1> on a {background} background"
+        images = sd.text_to_image(
+            prompt, batch_size=seeds, num_steps=num_steps, seed=0, progress=False
+        )
+        for image in images:
+            reading = checker.read(image)
+            stars += reading.shape == "star"
+            colours += (reading.color, reading.background) == (colour, background)
+    count = seeds * len(COLOUR_PAIRS)
+    return stars / count, colours / count
+
+
+def test_learns_a_star_on_tiny_shapes():
+    """The issue's concept test: 5 renders of a yellow star, "<s1>" from "circle"."""
+    from keras_sd.shapes.dataset import Combination, render
+
+    sd = StableDiffusion.from_preset("tiny-shapes")
+    rng = np.random.default_rng(0)
+    stars = [render(Combination("star", "yellow", "black"), 64, rng) for _ in range(5)]
+    trainer = TextualInversionTrainer(sd, "<s1>", initializer_token="circle", seed=0)
+    star_before, _ = star_and_colour_rates(sd)
+    data = textual_inversion_dataset(
+        stars,
+        "<s1>",
+        sd.tokenizer,
+        templates=("a yellow {} on a black background",),
+        size=64,
+        repeats=100,
+        batch_size=5,
+    )
+    trainer.compile(optimizer=keras.optimizers.Adam(2e-2))  # 100 steps of batch 5
+    trainer.fit(data, epochs=1, verbose=0)
+    star_after, colour_after = star_and_colour_rates(sd)
+    assert star_before <= 0.2, star_before
+    assert star_after >= 0.7, star_after
+    assert colour_after >= 0.7, colour_after
