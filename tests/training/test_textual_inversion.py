@@ -294,3 +294,18 @@ def test_learns_a_star_on_tiny_shapes():
     assert star_before <= 0.2, star_before
     assert star_after >= 0.7, star_after
     assert colour_after >= 0.7, colour_after
+
+
+def test_adding_a_token_refreshes_only_the_text_encoder_program():
+    sd = tiny_sd()
+    sd.text_to_image("a red circle", num_steps=2, seed=0, progress=False)
+    programs = dict(sd._compiled)
+    assert {"text_encoder", "sampler", "decoder"} <= set(programs)
+    sd.add_tokens("<s1>", initializer_token="circle")
+    assert "text_encoder" not in sd._compiled
+    for role in ("sampler", "decoder"):
+        assert sd._compiled[role] is programs[role]
+    same = sd.encode_text("a red <s1>")
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(same), keras.ops.convert_to_numpy(sd.encode_text("a red circle"))
+    )
