@@ -115,6 +115,8 @@ class TextualInversionMixin:
         if grown != new_ids:  # unreachable while the sizes matched above; keeps them paired
             raise RuntimeError(f"token ids {new_ids} and table rows {grown} differ")
         self._compiled.pop("text_encoder", None)  # its weights changed shape
+        # Saved checkpoints describe the model by this config: it must list the grown table.
+        self.config["text_encoder"]["vocab_size"] = encoder.vocab_size
         return new_ids
 
     def _initializer_id(self, initializer_token) -> list[int]:

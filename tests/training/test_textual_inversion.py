@@ -309,3 +309,13 @@ def test_adding_a_token_refreshes_only_the_text_encoder_program():
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(same), keras.ops.convert_to_numpy(sd.encode_text("a red circle"))
     )
+
+
+def test_keras_layout_checkpoint_keeps_added_tokens(tmp_path):
+    sd = tiny_sd()
+    sd.add_tokens("<s1>", initializer_token="circle", num_vectors=2)
+    sd.set_token_vectors("<s1>", np.arange(64, dtype="float32").reshape(2, 32))
+    sd.save_checkpoint(tmp_path / "model.safetensors", layout="keras")
+    back = StableDiffusion.from_checkpoint(tmp_path / "model.safetensors", jit_compile=False)
+    assert back.tokenizer.encode("<s1>") == sd.tokenizer.encode("<s1>")
+    np.testing.assert_array_equal(back.token_vectors("<s1>"), sd.token_vectors("<s1>"))
