@@ -16,7 +16,13 @@ EXAMPLES = {
     "image_to_image.py": {"image_to_image_input.png": (64, 64), "image_to_image.png": (128, 128)},
     "inpaint.py": {"inpaint_input.png": (64, 64), "inpaint.png": (128, 128)},
     "outpaint.py": {"outpaint_input.png": (64, 64), "outpaint.png": (128, 192)},
+    "textual_inversion.py": {
+        "textual_inversion_input.png": (128, 192),
+        "textual_inversion.png": (128, 128),
+    },
 }
+# Few training steps keep the example's test short; it checks that the recipe runs.
+ARGUMENTS = {"textual_inversion.py": ["20"]}
 
 
 def test_every_example_is_tested():
@@ -27,7 +33,12 @@ def test_every_example_is_tested():
 def test_example_runs_and_writes_its_images(tmp_path, script):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "examples" / script),
+            str(tmp_path),
+            *ARGUMENTS.get(script, []),
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

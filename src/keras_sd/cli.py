@@ -5,6 +5,7 @@
     keras-sd inpaint "a yellow square on a blue background" --image circle.png --mask mask.png
     keras-sd outpaint "a red circle on a blue background" --image circle.png --extend 0,16,0,16
     keras-sd convert v1-5-pruned-emaonly.ckpt sd15.safetensors --dtype float16
+    keras-sd train-ti my-toy/ --token "<my-toy>" --init-token toy -o learned_embeds.safetensors
 
 With neither `--preset` nor `--checkpoint` it uses the bundled `tiny-shapes`
 model, so it works offline on a fresh machine. Errors in the arguments end the
@@ -19,7 +20,7 @@ import argparse
 import os
 import sys
 
-from keras_sd import images
+from keras_sd import cli_train, images
 from keras_sd.utils import save_images
 
 DEFAULT_PRESET = "tiny-shapes"
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(gen)
     gen.add_argument("--width", type=_positive_int("--width"), default=None, help="pixels")
     gen.add_argument("--height", type=_positive_int("--height"), default=None, help="pixels")
+    cli_train.add_embedding_option(gen)
     img2img = commands.add_parser("img2img", help="redraw an image from a prompt")
     _add_sampling_options(img2img)
     _add_image_options(img2img, strength=0.8)
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     conv.add_argument("--use-ema", action="store_true", help="take the EMA weights if present")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    cli_train.add_train_ti_parser(commands)
     return parser
 
 
@@ -227,6 +230,7 @@ def _write(result, args) -> int:
 
 def generate(args) -> int:
     sd = _prepare(args)
+    cli_train.load_embeddings(sd, args)
     kwargs = {"width": args.width, "height": args.height}
     for name in ("width", "height"):
         value = kwargs[name]
@@ -323,6 +327,7 @@ COMMANDS = {
     "inpaint": inpaint,
     "outpaint": outpaint,
     "convert": convert,
+    "train-ti": cli_train.train_ti,
 }
 
 

@@ -21,12 +21,13 @@ from keras_sd.models.unet import UNet
 from keras_sd.models.vae import VAEDecoder, VAEEncoder
 from keras_sd.sampling import Sampler
 from keras_sd.schedulers import build_scheduler, get_scheduler
+from keras_sd.textual_inversion import TextualInversionMixin
 from keras_sd.tokenizer import CLIPTokenizer
 from keras_sd.weights import checkpoint, hub, keras_cv
 from keras_sd.workflows import ImageWorkflows
 
 
-class StableDiffusion(ImageWorkflows):
+class StableDiffusion(ImageWorkflows, TextualInversionMixin):
     """Stable Diffusion 1.x / 2.x text-to-image in Keras 3.
 
     The constructor builds the architecture named by `config` with random

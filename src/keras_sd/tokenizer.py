@@ -160,6 +160,7 @@ class CLIPTokenizer:
         # Added tokens by their original spelling, and the (cleaned) spellings matched in text.
         self._added: dict[str, int] = {}
         self._whole = {START_TOKEN: self.start_token_id, END_TOKEN: self.end_token_id}
+        self._vectors: dict[str, list[int]] = {}  # multi-vector token -> all its ids
         self._compile_whole_pattern()
         # Bounded so a long-running service cannot grow it without limit; words repeat a lot.
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe_uncached)
@@ -244,7 +245,7 @@ class CLIPTokenizer:
         # split() with a capturing group alternates plain text and whole-matched tokens.
         for i, part in enumerate(self._whole_pattern.split(text)):
             if i % 2:
-                ids.append(self._whole[part])
+                ids.extend(self._vectors.get(part) or [self._whole[part]])
                 continue
             for word in _WORD_PATTERN.findall(part):
                 ids.extend(self._bpe("".join(map(self._byte_encoder.get, word.encode("utf-8")))))
@@ -270,22 +271,27 @@ class CLIPTokenizer:
 
     # -- added tokens ---------------------------------------------------------------------
 
-    def add_tokens(self, tokens: str | Sequence[str]) -> list[int]:
+    def add_tokens(self, tokens: str | Sequence[str], num_vectors: int = 1) -> list[int]:
         """Add whole-word tokens (e.g. textual inversion placeholders) to the vocabulary.
 
         An added token is matched in the cleaned prompt before BPE splitting, so
         "a photo of <cat-toy>" gives one id for "<cat-toy>". Matching uses the same cleanup as
-        the prompt, so it ignores case, like transformers' added tokens.
+        the prompt, so it ignores case, like transformers' added tokens. With `num_vectors`
+        N > 1 each token `t` is added with `t_1`, ..., `t_{N-1}`, and `t` in a prompt stands
+        for all N ids, as in diffusers and AUTOMATIC1111 (an added token `t` followed by
+        added tokens `t_1`, `t_2`, ... expands the same way however it was added).
 
         Args:
             tokens: one token or a list of tokens.
+            num_vectors: ids per token (the vectors of a multi-vector embedding).
 
         Returns:
             The new ids: `vocab_size`, `vocab_size + 1`, ... at the time of the call.
 
         Raises:
             ValueError: a token is empty after cleanup, repeated, or already has a single id
-                (a vocabulary word such as "cat", a special or an added token).
+                (a vocabulary word such as "cat", a special or an added token), or
+                `num_vectors` is not a positive int.
 
         Example:
             >>> tokenizer = CLIPTokenizer()
@@ -293,14 +299,19 @@ class CLIPTokenizer:
             [49408]
             >>> tokenizer.encode("a photo of <cat-toy>")
             [49406, 320, 1125, 539, 49408, 49407]
+            >>> tokenizer.add_tokens("<dog>", num_vectors=2), tokenizer.encode("<dog>")[1:-1]
+            ([49409, 49410], [49409, 49410])
         """
         if isinstance(tokens, str):
             tokens = [tokens]
         elif not isinstance(tokens, Sequence):
             raise TypeError(f"`tokens` must be a str or a list of str, got {type(tokens).__name__}")
+        if isinstance(num_vectors, bool) or not isinstance(num_vectors, int) or num_vectors < 1:
+            raise ValueError(f"`num_vectors` must be an int >= 1, got {num_vectors!r}")
+        [_check_str(token, f"tokens[{i}]") for i, token in enumerate(tokens)]
+        tokens = [f"{t}_{k}" if k else t for t in tokens for k in range(num_vectors)]
         seen = set()
-        for i, token in enumerate(tokens):
-            _check_str(token, f"tokens[{i}]")
+        for token in tokens:
             key = clean_text(token)
             if not key:
                 raise ValueError(f"Cannot add token {token!r}: it is empty after text cleanup.")
@@ -318,6 +329,14 @@ class CLIPTokenizer:
             new_ids.append(self.vocab_size)
             self._added[token] = new_ids[-1]
             self._whole[clean_text(token)] = new_ids[-1]
+        self._vectors = {}
+        for token, token_id in self._added.items():
+            ids, k = [token_id], 1
+            while f"{token}_{k}" in self._added:
+                ids.append(self._added[f"{token}_{k}"])
+                k += 1
+            if k > 1:
+                self._vectors[clean_text(token)] = ids
         self._compile_whole_pattern()
         return new_ids
 

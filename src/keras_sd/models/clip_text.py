@@ -16,6 +16,7 @@ Language Supervision", 2021 (https://arxiv.org/abs/2103.00020).
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from keras_sd.models.attention import dot_product_attention
@@ -191,7 +192,8 @@ class CLIPTextEncoder(keras.Model):
         `[B, L, hidden_dim]` context for the UNet. `call(token_ids, clip_skip=k)`
         stops `k` blocks early and still applies the final layer norm, the same
         meaning as diffusers' `clip_skip`; `position_ids` ([B or 1, L]) replace
-        the default positions 0 .. L-1.
+        the default positions 0 .. L-1; `token_embeddings` ([B, L, hidden_dim])
+        replace the table lookup of `token_ids`.
 
     Example:
     >>> enc = CLIPTextEncoder(**TINY_CONFIG)
@@ -252,7 +254,45 @@ class CLIPTextEncoder(keras.Model):
             layer.build(hidden_shape)
         self.final_layer_norm.build(hidden_shape)
 
-    def call(self, token_ids, clip_skip: int = 0, position_ids=None):
+    def grow_token_embedding(self, new_rows) -> list[int]:
+        """Append rows to the token-embedding table (tokens added to the tokenizer).
+
+        The layer is replaced by a larger one holding the old rows unchanged; every other
+        weight keeps its variable, so nothing else needs rebuilding.
+
+        Args:
+            new_rows: array-like [N, hidden_dim], the embeddings of the new ids.
+
+        Returns:
+            The new ids: `vocab_size`, ..., `vocab_size + N - 1` before the call.
+
+        Example:
+        >>> enc = CLIPTextEncoder(**TINY_CONFIG)
+        >>> enc.grow_token_embedding(np.zeros((2, 32), "float32"))
+        [49408, 49409]
+        """
+        rows = np.asarray(new_rows, dtype="float32")
+        if rows.ndim != 2 or rows.shape[1] != self.hidden_dim or not len(rows):
+            raise ValueError(
+                f"new_rows must have shape [N >= 1, {self.hidden_dim}] (the text encoder's "
+                f"width); received shape {rows.shape}."
+            )
+        old = self.token_embedding
+        table = ops.convert_to_numpy(ops.cast(old.embeddings, "float32"))
+        grown = layers.Embedding(
+            len(table) + len(rows), self.hidden_dim, name=old.name, dtype=old.dtype_policy
+        )
+        with keras.name_scope(self.name):  # the same variable path as the original table
+            grown.build((None, self.max_length))
+        grown.embeddings.assign(np.concatenate([table, rows]).astype(old.embeddings.dtype))
+        grown.trainable = old.trainable
+        # The encoder is built (its tracker locked): swap the sublayer in place.
+        self._tracker.replace_tracked_value("layers", old, grown)
+        object.__setattr__(self, "token_embedding", grown)
+        self.vocab_size = len(table) + len(rows)
+        return list(range(len(table), self.vocab_size))
+
+    def call(self, token_ids, clip_skip: int = 0, position_ids=None, token_embeddings=None):
         if not 0 <= clip_skip < self.num_layers:
             raise ValueError(f"clip_skip={clip_skip} must be in [0, {self.num_layers - 1}].")
         length = token_ids.shape[1]
@@ -262,7 +302,9 @@ class CLIPTextEncoder(keras.Model):
             )
         if position_ids is None:  # KerasCV's text encoder takes them as a second input
             position_ids = ops.arange(ops.shape(token_ids)[1])[None]  # [1, L]
-        x = self.token_embedding(token_ids) + self.position_embedding(position_ids)
+        if token_embeddings is None:  # given by textual-inversion training
+            token_embeddings = self.token_embedding(token_ids)  # [B, L, hidden_dim]
+        x = token_embeddings + self.position_embedding(position_ids)
         for layer in self.encoder_layers[: self.num_layers - clip_skip]:
             x = layer(x)  # [B, L, hidden_dim]
         return self.final_layer_norm(x)
