@@ -115,6 +115,3 @@ def train_ti(args) -> int:
     trainer.save_embedding(args.output)
     print(f"wrote {args.output} ({args.token}: {args.num_vectors} x {sd.text_encoder.hidden_dim})")
     return 0
-
-
-__all__ = ["add_embedding_option", "add_train_ti_parser", "load_embeddings", "train_ti"]

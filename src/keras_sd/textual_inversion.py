@@ -27,7 +27,18 @@ def _check_token(token) -> None:
 
 class TextualInversionMixin:
     """`add_tokens`, `save_textual_inversion` and `load_textual_inversion` for a pipeline
-    with `tokenizer`, `text_encoder` and a `_compiled` program cache."""
+    with `tokenizer`, `text_encoder` and a `_compiled` program cache.
+
+    Example:
+    >>> from keras_sd import StableDiffusion
+    >>> issubclass(StableDiffusion, TextualInversionMixin)
+    True
+    >>> sd = StableDiffusion(64, 64, config="tiny")
+    >>> sd.add_tokens("<toy>", initializer_token="circle")
+    [49408]
+    >>> sd.text_encoder.token_embedding.embeddings.shape[0] == sd.tokenizer.vocab_size
+    True
+    """
 
     def _token_table(self) -> np.ndarray:
         """The text encoder's token-embedding table as float32 numpy [V, D]."""

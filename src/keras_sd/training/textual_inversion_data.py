@@ -45,7 +45,13 @@ def _read(path: Path) -> Image.Image:
 
 def load_images(images_or_folder) -> list[Image.Image]:
     """The RGB images of a folder (every file with an image extension, in name order), a
-    list of paths or PIL images, or uint8 arrays [N, H, W, 3] / a list of [H, W, 3]."""
+    list of paths or PIL images, or uint8 arrays [N, H, W, 3] / a list of [H, W, 3].
+
+    Example:
+    >>> import numpy as np
+    >>> [image.size for image in load_images(np.zeros((2, 8, 6, 3), "uint8"))]
+    [(6, 8), (6, 8)]
+    """
     items = images_or_folder
     if isinstance(items, (str, os.PathLike)):
         folder = Path(items)
@@ -96,6 +102,16 @@ class TextualInversionDataset(keras.utils.PyDataset):
 
     Built by `textual_inversion_dataset`; see there for the arguments. Each epoch draws
     new crops, flips and templates from `seed` and the epoch number.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_sd import CLIPTokenizer
+    >>> tokenizer = CLIPTokenizer()
+    >>> _ = tokenizer.add_tokens("<toy>")
+    >>> data = textual_inversion_dataset(np.zeros((2, 16, 16, 3), "uint8"), "<toy>",
+    ...                                  tokenizer, size=8, repeats=3, batch_size=4)
+    >>> isinstance(data, TextualInversionDataset), len(data), data[0]["images"].shape
+    (True, 2, (4, 8, 8, 3))
     """
 
     def __init__(
