@@ -60,6 +60,98 @@ def tensorflow_buffer_address(value) -> int:
 
 
 FULL_SIZE = "full-size"  # the xdist group of the tests that build full-size models
+KERAS_CV_SIZE = 64  # pixels; KerasCV's UNet and decoder are built for one image size
+KERAS_CV_FIXTURES = frozenset({"keras_cv_sd1", "keras_cv_drop_in"})
+_keras_cv_built = {}  # what the KerasCV fixtures built, kept while the tests that use them run
+
+
+def randomize_keras_model(model, seed: int, std: float = 0.05) -> None:
+    """Seeded random values in every weight of a Keras model (norm scales near one)."""
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
+        weight.assign(1.0 + noise if weight.path.endswith("gamma") else noise)
+
+
+def bundled_vocab_path() -> str:
+    """keras-sd's bundled CLIP BPE file, for KerasCV's tokenizer (which would download it)."""
+    import keras_sd
+
+    return os.path.join(
+        os.path.dirname(keras_sd.__file__), "assets", "bpe_simple_vocab_16e6.txt.gz"
+    )
+
+
+def _uses_keras_cv(item) -> bool:
+    return item is not None and bool(KERAS_CV_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.fixture
+def keras_cv_sd1():
+    """KerasCV's own SD 1.x pipeline (`keras_cv.models.StableDiffusion`) on seeded random
+    weights, at KERAS_CV_SIZE pixels, with its four components built.
+
+    KerasCV's components are full size (about 190 s and 8 GB to build on the 2-core
+    machine), so they are built once and shared by every test that asks for them; the
+    collection hook runs those tests one after another and the teardown hook drops the
+    models after the last one. The tokenizer reads keras-sd's bundled CLIP vocabulary
+    (KerasCV's would download it).
+    """
+    if "sd1" not in _keras_cv_built:
+        _keras_cv_built["sd1"] = _build_keras_cv_sd1()
+    return _keras_cv_built["sd1"]
+
+
+def _build_keras_cv_sd1():
+    import keras_cv
+    from keras_cv.src.models.stable_diffusion import (
+        clip_tokenizer,
+        decoder,
+        diffusion_model,
+        image_encoder,
+        text_encoder,
+    )
+
+    size = KERAS_CV_SIZE
+    components = {
+        "text_encoder": text_encoder.TextEncoder(77, download_weights=False),
+        "diffusion_model": diffusion_model.DiffusionModel(size, size, 77, download_weights=False),
+        "decoder": decoder.Decoder(size, size, download_weights=False),
+        "image_encoder": image_encoder.ImageEncoder(download_weights=False),
+    }
+    for seed, model in enumerate(components.values()):
+        randomize_keras_model(model, seed=seed, std=0.02)
+    # KerasCV rounds sizes to 128 px (64 to 0): built at 128, then set to the models' size.
+    sd = keras_cv.models.StableDiffusion(img_height=128, img_width=128, jit_compile=False)
+    for name, model in components.items():  # what KerasCV builds lazily, prebuilt
+        setattr(sd, f"_{name}", model)
+    sd._tokenizer = clip_tokenizer.SimpleTokenizer(bpe_path=bundled_vocab_path())
+    sd.img_height = sd.img_width = size
+    return sd
+
+
+@pytest.fixture
+def keras_cv_drop_in(keras_cv_sd1):
+    """`keras_sd.compat.keras_cv.models.StableDiffusion` converted from `keras_cv_sd1`
+    (the same weights), at the same image size, not compiled with XLA (each compile of
+    a full-size program costs about a minute on the 2-core machine)."""
+    if "drop_in" not in _keras_cv_built:
+        from keras_sd.compat import keras_cv
+
+        sd = keras_cv.models.StableDiffusion.from_keras_cv(keras_cv_sd1, jit_compile=False)
+        sd.img_height = sd.img_width = KERAS_CV_SIZE
+        _keras_cv_built["drop_in"] = sd
+    return _keras_cv_built["drop_in"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Drop the KerasCV models after the last test in a row that uses them."""
+    if _uses_keras_cv(item) and not _uses_keras_cv(nextitem):
+        import gc
+
+        _keras_cv_built.clear()
+        gc.collect()
 
 
 def _full_size(item) -> bool:
@@ -75,11 +167,13 @@ def pytest_collection_modifyitems(config, items):
     one test after another: the slow-marked tests and the KerasCV module (its models
     are fixed at SD size) need up to 15 GB each, so two at once would not fit a 24 GB
     machine. Starting the group first lets the other worker run the small tests beside
-    it instead of the group running alone at the end.
+    it instead of the group running alone at the end. Within the group, the tests that
+    share the KerasCV models come first, one after another, so those are built once.
     """
     full, small = [], []
     for item in items:
-        (full if _full_size(item) else small).append(item)
+        (full if _full_size(item) or _uses_keras_cv(item) else small).append(item)
+    full.sort(key=lambda item: not _uses_keras_cv(item))  # stable: file order otherwise
     for item in full:
         item.add_marker(pytest.mark.xdist_group(FULL_SIZE))
     items[:] = full + small

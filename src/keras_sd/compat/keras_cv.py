@@ -26,6 +26,8 @@ from keras_sd.compat.noise_scheduler import NoiseScheduler
 from keras_sd.models.clip_text import SD1_CONFIG as _TEXT_CONFIG
 from keras_sd.models.clip_text import CLIPTextEncoder
 from keras_sd.models.layers import timestep_embedding
+from keras_sd.models.unet import UNet
+from keras_sd.models.vae import VAEDecoder, VAEEncoder
 
 MAX_PROMPT_LENGTH = _TEXT_CONFIG["max_length"]
 # KerasCV rounds image sides to its UNet's granularity (2 ** 7 pixels).
@@ -73,6 +75,7 @@ class StableDiffusion(pipeline.StableDiffusion):
 
     model_config = "sd1"
 
+    tokenizer = _component("tokenizer")
     text_encoder = _component("text_encoder")
     diffusion_model = _component("diffusion_model")
     decoder = _component("decoder")
@@ -150,6 +153,13 @@ class StableDiffusion(pipeline.StableDiffusion):
         pixels = np.asarray(ops.convert_to_numpy(ops.cast(pixels, "float32")))
         return np.clip((pixels + 1.0) / 2.0 * 255.0, 0.0, 255.0).astype(np.uint8)
 
+    def _encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Images [B, H, W, 3] in [0, 1] -> latents; KerasCV's image encoder returns them
+        already scaled (the base class scales the mean of keras-sd's encoder)."""
+        program, weights = self._stateless_program("image_encoder")
+        latents = program(weights, ops.convert_to_tensor(pixels * 2 - 1))
+        return np.asarray(ops.convert_to_numpy(ops.cast(latents, "float32")))
+
     def _get_unconditional_context(self):
         """The text encoding of the empty prompt, [1, 77, D]."""
         length = self.tokenizer.max_length
@@ -215,18 +225,64 @@ def _text_encoder(max_length=MAX_PROMPT_LENGTH, vocab_size=None, config="sd1", *
     return parts.TextEncoder(CLIPTextEncoder(**settings), **kwargs)
 
 
+def _diffusion_model(img_height=None, img_width=None, max_text_length=None, name=None, **kwargs):
+    """KerasCV's `DiffusionModel(img_height, img_width, max_text_length)`; keras-sd's UNet
+    takes any size, so the sizes are accepted and not needed."""
+    config = presets.resolve_model_config(kwargs.pop("config", "sd1"))
+    return parts.DiffusionModel(UNet(**config["unet"]), name=name, **kwargs)
+
+
+def _decoder(img_height=None, img_width=None, name=None, config="sd1"):
+    return parts.Decoder(VAEDecoder(**presets.resolve_model_config(config)["vae"]), name=name)
+
+
+def _image_encoder(img_height=None, img_width=None, config="sd1"):
+    """KerasCV 0.9's `ImageEncoder()` (earlier versions took the image size first)."""
+    return parts.image_encoder(VAEEncoder(**presets.resolve_model_config(config)["vae"]))
+
+
+def _v2(build):
+    return _no_download(lambda *args, **kwargs: build(*args, config="sd2-base", **kwargs))
+
+
+_TextEncoder = _no_download(_text_encoder)
+_TextEncoderV2 = _v2(_text_encoder)
+_DiffusionModel = _no_download(_diffusion_model)
+_DiffusionModelV2 = _v2(_diffusion_model)
+_Decoder = _no_download(_decoder)
+_ImageEncoder = _no_download(_image_encoder)
+
+# KerasCV's module paths as well as its exports, as the guides import from both.
+stable_diffusion = types.SimpleNamespace(
+    MAX_PROMPT_LENGTH=MAX_PROMPT_LENGTH,
+    NoiseScheduler=NoiseScheduler,
+    SimpleTokenizer=parts.SimpleTokenizer,
+    StableDiffusion=StableDiffusion,
+    StableDiffusionV2=StableDiffusionV2,
+    TextEncoder=_TextEncoder,
+    TextEncoderV2=_TextEncoderV2,
+    DiffusionModel=_DiffusionModel,
+    DiffusionModelV2=_DiffusionModelV2,
+    Decoder=_Decoder,
+    ImageEncoder=_ImageEncoder,
+    clip_tokenizer=types.SimpleNamespace(SimpleTokenizer=parts.SimpleTokenizer),
+    decoder=types.SimpleNamespace(Decoder=_Decoder),
+    diffusion_model=types.SimpleNamespace(
+        DiffusionModel=_DiffusionModel, DiffusionModelV2=_DiffusionModelV2
+    ),
+    image_encoder=types.SimpleNamespace(ImageEncoder=_ImageEncoder),
+    noise_scheduler=types.SimpleNamespace(NoiseScheduler=NoiseScheduler),
+    text_encoder=types.SimpleNamespace(TextEncoder=_TextEncoder, TextEncoderV2=_TextEncoderV2),
+    stable_diffusion=types.SimpleNamespace(
+        MAX_PROMPT_LENGTH=MAX_PROMPT_LENGTH,
+        StableDiffusion=StableDiffusion,
+        StableDiffusionV2=StableDiffusionV2,
+    ),
+)
 models = types.SimpleNamespace(
     StableDiffusion=StableDiffusion,
     StableDiffusionV2=StableDiffusionV2,
-    stable_diffusion=types.SimpleNamespace(
-        MAX_PROMPT_LENGTH=MAX_PROMPT_LENGTH,
-        NoiseScheduler=NoiseScheduler,
-        SimpleTokenizer=parts.SimpleTokenizer,
-        StableDiffusion=StableDiffusion,
-        StableDiffusionV2=StableDiffusionV2,
-        TextEncoder=_no_download(_text_encoder),
-        TextEncoderV2=_no_download(lambda *a, **k: _text_encoder(*a, config="sd2-base", **k)),
-    ),
+    stable_diffusion=stable_diffusion,
 )
 
 __all__ = ["MAX_PROMPT_LENGTH", "NoiseScheduler", "StableDiffusion", "StableDiffusionV2", "models"]

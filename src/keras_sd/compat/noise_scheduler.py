@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
 
 from keras_sd.schedulers import DDIMScheduler
+from keras_sd.schedulers.base import beta_table
 
 VARIANCE_TYPES = (
     "fixed_small",
@@ -57,9 +60,9 @@ class NoiseScheduler:
         self.variance_type = variance_type
         self.clip_sample = clip_sample
         table = self._schedule.alphas_cumprod  # the same alpha_prod table keras-sd samples with
-        # beta_t = 1 - alpha_prod_t / alpha_prod_{t-1} recovers the schedule's betas.
-        previous = np.concatenate([[1.0], table[:-1].astype(np.float64)])
-        betas = 1.0 - table.astype(np.float64) / previous
+        # The float32 betas the table was made from (as KerasCV keeps them): recovering them
+        # from the float32 table would be off by its rounding, 1.7e-4 of beta_0.
+        betas = beta_table(train_timesteps, beta_start, beta_end, beta_schedule).astype(np.float64)
         self.alphas_cumprod = ops.convert_to_tensor(table)
         self.betas = ops.convert_to_tensor(betas.astype(np.float32))
         self.alphas = ops.convert_to_tensor((1.0 - betas).astype(np.float32))
@@ -123,24 +126,26 @@ class NoiseScheduler:
         learned = self.variance_type in ("learned", "learned_range")
         if learned and model_output.shape[-1] == 2 * channels:
             model_output, predicted_variance = ops.split(model_output, 2, axis=-1)
-        a_t = self._table[t]
-        a_prev = self._table[t - 1] if t > 0 else 1.0
+        # Python floats: numpy float64 scalars would make float32 tensors float64.
+        a_t = float(self._table[t])
+        a_prev = float(self._table[t - 1]) if t > 0 else 1.0
+        beta = float(self._betas[t])
         if predict_epsilon:  # DDPM eq. 15
-            x0 = (sample - np.sqrt(1.0 - a_t) * model_output) / np.sqrt(a_t)
+            x0 = (sample - math.sqrt(1.0 - a_t) * model_output) / math.sqrt(a_t)
         else:
             x0 = model_output
         if self.clip_sample:
             x0 = ops.clip(x0, -1.0, 1.0)
         # DDPM eq. 7: the posterior mean's coefficients on x_0 and x_t.
-        x0_coeff = np.sqrt(a_prev) * self._betas[t] / (1.0 - a_t)
-        xt_coeff = np.sqrt(1.0 - self._betas[t]) * (1.0 - a_prev) / (1.0 - a_t)
+        x0_coeff = math.sqrt(a_prev) * beta / (1.0 - a_t)
+        xt_coeff = math.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a_t)
         prev = x0_coeff * x0 + xt_coeff * sample
         if t > 0:
             noise = keras.random.normal(ops.shape(model_output), seed=self.seed_generator)
             variance = self.get_variance(t, predicted_variance)
             if self.variance_type.endswith("_log"):
-                std = np.exp(0.5 * variance)
+                std = math.exp(0.5 * variance)
             else:
-                std = ops.sqrt(variance) if learned else np.sqrt(variance)
+                std = ops.sqrt(variance) if learned else math.sqrt(variance)
             prev = prev + std * noise
         return prev

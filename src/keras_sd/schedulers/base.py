@@ -53,6 +53,22 @@ def check_int(name: str, value, minimum: int, maximum: int | None = None) -> Non
         raise ValueError(f"`{name}` must be an integer >= {minimum}{upper}, got {value!r}.")
 
 
+def beta_table(
+    num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str
+) -> np.ndarray:
+    """beta_t for t = 0 .. num_train_timesteps - 1, as float32 (see `alphas_cumprod_table`).
+
+    Example:
+    >>> float(beta_table(1000, 0.0001, 0.02, "linear")[0]) == float(np.float32(0.0001))
+    True
+    """
+    check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, num_train_timesteps).astype(np.float32)
+    roots = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps)
+    return roots.astype(np.float32) ** 2
+
+
 def alphas_cumprod_table(
     num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str
 ) -> np.ndarray:
@@ -78,12 +94,7 @@ def alphas_cumprod_table(
     >>> round(float(alphas_cumprod_table(1000, 0.00085, 0.012, "scaled_linear")[0]), 5)
     0.99915
     """
-    check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-    if beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, num_train_timesteps).astype(np.float32)
-    else:
-        roots = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps)
-        betas = roots.astype(np.float32) ** 2
+    betas = beta_table(num_train_timesteps, beta_start, beta_end, beta_schedule)
     alphas = (np.float32(1.0) - betas).astype(np.float64)
     return np.cumprod(alphas).astype(np.float32)
 
