@@ -180,8 +180,16 @@ def _check_output(path: str) -> None:
         raise UsageError(f"--output folder {folder!r} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"--output {path!r} is a folder, not a file path")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"--output {path!r} is not writable")
+    # Opening is the one test that sees everything: permissions (which os.access does not
+    # apply to root), read-only file systems, names too long for the file system.
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output {path!r} cannot be written: {error.strerror}") from None
+    if not existed:
+        os.remove(path)
 
 
 def _load_model(args):
@@ -229,15 +237,9 @@ def _write(result, args) -> int:
 
 
 def generate(args) -> int:
-    sd = _prepare(args)
+    sd = _prepare(args)  # the model's own check states its size rule for --width/--height
     cli_train.load_embeddings(sd, args)
     kwargs = {"width": args.width, "height": args.height}
-    for name in ("width", "height"):
-        value = kwargs[name]
-        if value is not None and value % sd.latent_factor:
-            raise UsageError(
-                f"--{name} must be a multiple of {sd.latent_factor} for this model; got {value}"
-            )
     return _write(sd.text_to_image(args.prompt, **_sampling_kwargs(args, sd), **kwargs), args)
 
 
@@ -307,6 +309,14 @@ def convert(args) -> int:
         raise UsageError(f"DST {args.dst!r} exists; pass --overwrite to replace it")
     if not os.path.isdir(os.path.dirname(dst)):
         raise UsageError(f"the folder of DST {args.dst!r} does not exist")
+    # keras_sd.conversion.convert's default: a .safetensors name is one file, else a folder.
+    layout = args.layout or ("compvis" if dst.lower().endswith(".safetensors") else "diffusers")
+    if layout == "diffusers" and os.path.exists(dst) and not os.path.isdir(dst):
+        raise UsageError(f"DST {args.dst!r} is a file; --layout diffusers writes a folder")
+    if layout != "diffusers" and os.path.isdir(dst):
+        raise UsageError(f"DST {args.dst!r} is a folder; --layout {layout} writes one file")
+    if len(os.path.basename(dst).encode()) > _name_max(os.path.dirname(dst)):
+        raise UsageError(f"DST {args.dst!r}: the name is too long for the file system")
     backend.use_pooled_host_memory()
     convert_checkpoint(
         args.src,
@@ -331,20 +341,51 @@ COMMANDS = {
 }
 
 
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def _import_backend_quietly() -> None:
+    """Import Keras (and so its backend) with stderr closed, unless the user chose a
+    TensorFlow log level: TensorFlow's C++ start-up lines (oneDNN, CUDA drivers, CPU
+    instructions) are written before TF_CPP_MIN_LOG_LEVEL is read, and are noise here."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    # Later lines, such as the error it logs for every program loaded from the compile
+    # cache (it tries the text format before the binary one), do follow the level.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv=None) -> int:
-    """Entry point of the `keras-sd` console script; returns the exit status."""
+    """Entry point of the `keras-sd` console script; returns the exit status: 2 for a bad
+    argument, 1 for a run that failed (a non-finite result, a file that could not be
+    written), with one line on stderr either way."""
     args = build_parser().parse_args(argv)
-    # Nothing has imported TensorFlow yet (`keras_sd` imports its backend lazily). Its C++
-    # start-up lines are noise here, and so is the error line it logs for every program
-    # it loads from the compile cache (it tries the text format before the binary one):
-    # quiet unless the user chose a level.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _import_backend_quietly()
     try:
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
-        message = " ".join(str(error).split())
-        print(f"keras-sd: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(error, 2)
+    except (FloatingPointError, OSError) as error:
+        return _fail(error, 1)
+
+
+def _fail(error: Exception, status: int) -> int:
+    message = " ".join(str(error).split())
+    print(f"keras-sd: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

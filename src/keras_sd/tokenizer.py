@@ -29,7 +29,7 @@ _BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 # The file holds 262,144 merges; CLIP uses only the first ones, so that 256 byte symbols, their
 # 256 end-of-word forms, these merges and the two special tokens give 49,408 ids.
 _NUM_MERGES = 48_894
-# Bytes of one pre-tokenized word that BPE reads; the rest of a longer run is dropped.
+# Bytes of one pre-tokenized word that BPE reads, bounding its work; the rest is dropped.
 _MAX_WORD_BYTES = 65_536
 # CLIP's pre-tokenizer: English contractions, letter runs, single digits, runs of anything else.
 _WORD_PATTERN = regex.compile(
@@ -201,9 +201,6 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of one prompt: start token, BPE ids, end token; no padding or truncation.
 
-        BPE costs O(n log n) in a word's length; a run of more than 65,536 bytes without a
-        word break is cut there.
-
         Args:
             text: the prompt.
 
@@ -246,7 +243,6 @@ class CLIPTokenizer:
         return out
 
     def _encode_clean(self, text: str, limit: int | None = None) -> list[int]:
-        """BPE ids of cleaned text; with `limit`, at least the first `limit` of them."""
         ids = []
         # split() with a capturing group alternates plain text and whole-matched tokens.
         for i, part in enumerate(self._whole_pattern.split(text)):
@@ -256,18 +252,15 @@ class CLIPTokenizer:
             for match in _WORD_PATTERN.finditer(part):
                 if limit is not None and len(ids) >= limit:
                     return ids
-                # Bounds the work a run-on "word" costs; no real word comes near the cut.
                 data = match.group().encode("utf-8")[:_MAX_WORD_BYTES]
                 ids.extend(self._bpe("".join(map(self._byte_encoder.get, data))))
         return ids
 
     def _bpe_uncached(self, word: str) -> tuple[int, ...]:
-        # CLIP's loop (merge every occurrence of the earliest-learned pair present, left to
-        # right, until none is left) is quadratic in the word; a linked list of symbols and
-        # a heap of adjacent pairs by rank give the same merges in O(n log n).
+        # CLIP's loop (merge each occurrence of the earliest-learned pair present, left to right)
+        # is quadratic; linked symbols and a heap of pairs by rank do the same in O(n log n).
         symbols: list = [*word[:-1], word[-1] + _END_OF_WORD]
-        after = [*range(1, len(symbols)), -1]  # index of the next live symbol
-        before = list(range(-1, len(symbols) - 1))
+        after, before = [*range(1, len(symbols)), -1], [*range(-1, len(symbols) - 1)]
         ranks = self._ranks
         heap = [(ranks[p], i) for i, p in enumerate(pairwise(symbols)) if p in ranks]
         heapq.heapify(heap)
