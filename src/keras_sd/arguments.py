@@ -60,6 +60,37 @@ def check_construction(config, img_width, img_height, tokenizer, *models) -> Non
         check_size(name, side, factor * 2 ** (unet_levels - 1), factor)
 
 
+def check_checkpoint_kwargs(kwargs: dict, components: tuple) -> None:
+    """`from_checkpoint`'s keyword arguments, checked before any file is read: the
+    deeper checks (config values, the image size rule) follow once the model is known."""
+    for key, value in kwargs.items():
+        if key in components:
+            if not isinstance(value, dict):
+                raise TypeError(f"{key}= must be a dict of constructor arguments; got {value!r}.")
+        elif key in ("img_size", "img_width", "img_height") and value is not None:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{key} must be None or an int; received {value!r}.")
+            if not 0 < value <= MAX_SIDE:
+                raise ValueError(f"{key} must be in [1, {MAX_SIDE}]; received {value}.")
+        elif key == "use_ema":
+            check_flag(key, value)
+        elif key == "prediction_type":
+            if value not in (None, "epsilon", "v_prediction"):
+                raise ValueError(
+                    f"prediction_type must be None, 'epsilon' or 'v_prediction'; received "
+                    f"{value!r}."
+                )
+        elif key == "config":
+            if value is not None and not isinstance(value, (str, dict)):
+                raise TypeError(f"config must be a name or a dict; received {value!r}.")
+        else:
+            allowed = ["config", "prediction_type", "img_size", "img_width", "img_height"]
+            raise TypeError(
+                f"unexpected keyword argument {key!r}; accepted: {allowed + ['use_ema']} and "
+                f"the component overrides {list(components)}."
+            )
+
+
 def check_seed(seed) -> None:
     if seed is None:
         return
@@ -167,10 +198,14 @@ def check_memory(sd, rows: int, height: int, width: int, guided: bool) -> None:
     need, limit = estimate_bytes(sd, rows, height, width, guided), memory_limit()
     if limit is not None and need > limit:
         raise ValueError(
-            f"{rows} image(s) of {height}x{width} need at least {need / 2**30:,.1f} GiB of "
-            f"memory for activations (an estimate; weights not counted), more than this "
-            f"machine's {limit / 2**30:,.1f} GiB: lower batch_size or the image size."
+            f"{rows} image(s) of {height}x{width} need at least {_amount(need)} of memory "
+            f"for activations (an estimate; weights not counted), more than this machine's "
+            f"{_amount(limit)}: lower batch_size or the image size."
         )
+
+
+def _amount(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
 
 
 def float_array(value, name: str) -> np.ndarray:

@@ -17,6 +17,7 @@ it asks TensorFlow to pool host memory (`keras_sd.backend.use_pooled_host_memory
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -33,17 +34,28 @@ class UsageError(ValueError):
     """An argument the user can fix; printed as one line."""
 
 
-def _positive_int(name):
+def _positive_int(name, minimum: int = 1):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        if value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {value}")
         return value
 
     return parse
+
+
+def _guidance(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--guidance must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--guidance must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _strength(text):
@@ -67,6 +79,8 @@ def _extend(text):
         raise argparse.ArgumentTypeError(
             f"--extend must be TOP,RIGHT,BOTTOM,LEFT pixels (or one number), got {text!r}"
         )
+    if not any(sides):
+        raise argparse.ArgumentTypeError("--extend must grow at least one side, got all zeros")
     return tuple(sides)
 
 
@@ -78,8 +92,10 @@ def _add_sampling_options(command) -> None:
     command.add_argument(
         "--steps", type=_positive_int("--steps"), default=None, help="denoising steps"
     )
-    command.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
-    command.add_argument("--seed", type=int, default=None, help="seed of the noise")
+    command.add_argument("--guidance", type=_guidance, default=None, help="guidance weight")
+    command.add_argument(
+        "--seed", type=_positive_int("--seed", minimum=0), default=None, help="seed of the noise"
+    )
     command.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1)
     source = command.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None, help=f"named model (default {DEFAULT_PRESET})")

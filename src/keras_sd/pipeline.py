@@ -135,6 +135,7 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         Example:
         >>> sd = StableDiffusion.from_checkpoint("v1-5.safetensors")  # doctest: +SKIP
         """
+        arguments.check_checkpoint_kwargs(kwargs, presets.COMPONENTS)
         return cls(jit_compile=jit_compile, **checkpoint.checkpoint_kwargs(path, **kwargs))
 
     @classmethod
