@@ -521,6 +521,23 @@ def test_cli_convert(capsys, tmp_path, no_model):
     )
 
 
+def test_cli_stderr_has_no_tensorflow_start_up_lines(tmp_path):
+    """Only the error line: TensorFlow's C++ start-up lines are not let through."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    argv = ["generate", "x", "--preset", "nope", "-o", str(tmp_path / "out.png")]
+    run = subprocess.run(
+        [sys.executable, "-m", "keras_sd.cli", *argv], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"keras-sd: error: unknown --preset 'nope'; choose one of {presets.preset_names()}"
+    ], run.stderr
+
+
 # ------------------------------------------------------------- NaN, memory, length
 def test_nan_in_the_model_raises_instead_of_making_an_image():
     sd = StableDiffusion(SIZE, SIZE, config="tiny", jit_compile=False)

@@ -222,6 +222,7 @@ def _load_model(args):
 def _prepare(args):
     """Check the arguments that need no model, then load it (raises UsageError)."""
     _check_output(args.output)
+    _import_backend_quietly()
     from keras_sd import backend, presets
 
     preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
@@ -313,6 +314,7 @@ def outpaint(args) -> int:
 
 
 def convert(args) -> int:
+    _import_backend_quietly()
     from keras_sd import backend
     from keras_sd.conversion import convert as convert_checkpoint
 
@@ -389,7 +391,6 @@ def main(argv=None) -> int:
     argument, 1 for a run that failed (a non-finite result, a file that could not be
     written), with one line on stderr either way."""
     args = build_parser().parse_args(argv)
-    _import_backend_quietly()
     try:
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
