@@ -284,6 +284,12 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         Returns:
             np.uint8 array [batch_size, height, width, 3].
 
+        Raises:
+            ValueError, TypeError: a bad argument, named, before any model runs
+                (including a run whose estimated memory exceeds the machine's).
+            FloatingPointError: the result holds NaN/inf (float16 overflow, bad
+                weights or inputs) instead of an image.
+
         Example:
         >>> sd = StableDiffusion(64, 64, config="tiny")
         >>> sd.generate_image(sd.encode_text("a red circle"), num_steps=2, seed=0).shape
@@ -397,6 +403,9 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
 
         Returns:
             np.uint8 array [len(prompts) * batch_size, height, width, 3].
+
+        Raises:
+            ValueError, TypeError, FloatingPointError: as `generate_image`.
 
         Example:
         >>> sd = StableDiffusion(64, 64, config="tiny")
