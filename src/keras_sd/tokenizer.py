@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import functools
 import gzip
-import heapq
 import html
 import importlib.resources
 import json
 import os
 from collections.abc import Sequence
-from itertools import pairwise
 
 import ftfy
 import numpy as np
 import regex
+
+from keras_sd import bpe
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -257,30 +257,8 @@ class CLIPTokenizer:
         return ids
 
     def _bpe_uncached(self, word: str) -> tuple[int, ...]:
-        # CLIP's loop (merge each occurrence of the earliest-learned pair present, left to right)
-        # is quadratic; linked symbols and a heap of pairs by rank do the same in O(n log n).
-        symbols: list = [*word[:-1], word[-1] + _END_OF_WORD]
-        after, before = [*range(1, len(symbols)), -1], [*range(-1, len(symbols) - 1)]
-        ranks = self._ranks
-        heap = [(ranks[p], i) for i, p in enumerate(pairwise(symbols)) if p in ranks]
-        heapq.heapify(heap)
-        while heap:
-            rank, found = heap[0][0], []
-            while heap and heap[0][0] == rank:
-                found.append(heapq.heappop(heap)[1])
-            left, right = self._merges[rank]
-            for i in sorted(found):  # entries whose symbols changed since are stale
-                j = after[i]
-                if symbols[i] != left or j < 0 or symbols[j] != right:
-                    continue
-                symbols[i], symbols[j] = left + right, None
-                after[i] = after[j]
-                if after[i] >= 0:
-                    before[after[i]] = i
-                for a, b in ((before[i], i), (i, after[i])):
-                    if a >= 0 and b >= 0 and (symbols[a], symbols[b]) in ranks:
-                        heapq.heappush(heap, (ranks[symbols[a], symbols[b]], a))
-        return tuple(self._token_to_id[s] for s in symbols if s is not None)
+        symbols = bpe.merge([*word[:-1], word[-1] + _END_OF_WORD], self._ranks, self._merges)
+        return tuple(self._token_to_id[s] for s in symbols)
 
     # -- added tokens ---------------------------------------------------------------------
 
