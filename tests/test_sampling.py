@@ -64,7 +64,7 @@ def test_eta_uses_step_noise_deterministically(sd):
     [
         ({"num_steps": 0}, "num_steps"),
         ({"batch_size": -1}, "batch_size"),
-        ({"width": 31}, "width must be a positive multiple of 2"),
+        ({"width": 30}, "width must be a positive multiple of 4 .*received 30"),
         ({"unconditional_guidance_scale": "high"}, "unconditional_guidance_scale"),
         (
             {"seed": 1, "diffusion_noise": np.zeros((1, 16, 16, 4))},

@@ -251,3 +251,40 @@ def test_save_vocabulary_matches_reference_files(tokenizer, hf_tokenizer, tmp_pa
     np.testing.assert_array_equal(_hf_ids(ours, prompts), _hf_ids(hf_tokenizer, prompts))
     assert json.loads(open(vocab_path, encoding="utf-8").read())["<|endoftext|>"] == 49407
     assert open(merges_path, encoding="utf-8").read().count("\n") == 48_894 + 1
+
+
+def _quadratic_bpe(tokenizer, word: str) -> tuple:
+    """CLIP's reference loop: merge every occurrence of the lowest-ranked pair present,
+    left to right, until no pair is ranked."""
+    symbols = [*word[:-1], word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [(tokenizer._ranks.get(p, float("inf")), p) for p in itertools.pairwise(symbols)]
+        rank, best = min(pairs)
+        if rank == float("inf"):
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return tuple(tokenizer._token_to_id[s] for s in symbols)
+
+
+def test_fast_bpe_makes_the_reference_merges():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tokenizer = CLIPTokenizer()
+    alphabets = ["ab", "aeiou", "abcdefghijklmnopqrstuvwxyz", "".join(bytes_to_unicode().values())]
+    words = st.sampled_from(alphabets).flatmap(lambda a: st.text(a, min_size=1, max_size=60))
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @given(words)
+    def same(word):
+        assert tokenizer._bpe_uncached(word) == _quadratic_bpe(tokenizer, word), word
+
+    same()

@@ -17,6 +17,7 @@ it asks TensorFlow to pool host memory (`keras_sd.backend.use_pooled_host_memory
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -33,17 +34,28 @@ class UsageError(ValueError):
     """An argument the user can fix; printed as one line."""
 
 
-def _positive_int(name):
+def _positive_int(name, minimum: int = 1):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        if value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {value}")
         return value
 
     return parse
+
+
+def _guidance(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--guidance must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--guidance must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _strength(text):
@@ -67,6 +79,8 @@ def _extend(text):
         raise argparse.ArgumentTypeError(
             f"--extend must be TOP,RIGHT,BOTTOM,LEFT pixels (or one number), got {text!r}"
         )
+    if not any(sides):
+        raise argparse.ArgumentTypeError("--extend must grow at least one side, got all zeros")
     return tuple(sides)
 
 
@@ -78,8 +92,10 @@ def _add_sampling_options(command) -> None:
     command.add_argument(
         "--steps", type=_positive_int("--steps"), default=None, help="denoising steps"
     )
-    command.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
-    command.add_argument("--seed", type=int, default=None, help="seed of the noise")
+    command.add_argument("--guidance", type=_guidance, default=None, help="guidance weight")
+    command.add_argument(
+        "--seed", type=_positive_int("--seed", minimum=0), default=None, help="seed of the noise"
+    )
     command.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1)
     source = command.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None, help=f"named model (default {DEFAULT_PRESET})")
@@ -180,8 +196,16 @@ def _check_output(path: str) -> None:
         raise UsageError(f"--output folder {folder!r} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"--output {path!r} is a folder, not a file path")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"--output {path!r} is not writable")
+    # Opening is the one test that sees everything: permissions (which os.access does not
+    # apply to root), read-only file systems, names too long for the file system.
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output {path!r} cannot be written: {error.strerror}") from None
+    if not existed:
+        os.remove(path)
 
 
 def _load_model(args):
@@ -198,6 +222,7 @@ def _load_model(args):
 def _prepare(args):
     """Check the arguments that need no model, then load it (raises UsageError)."""
     _check_output(args.output)
+    _import_backend_quietly()
     from keras_sd import backend, presets
 
     preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
@@ -229,15 +254,9 @@ def _write(result, args) -> int:
 
 
 def generate(args) -> int:
-    sd = _prepare(args)
+    sd = _prepare(args)  # the model's own check states its size rule for --width/--height
     cli_train.load_embeddings(sd, args)
     kwargs = {"width": args.width, "height": args.height}
-    for name in ("width", "height"):
-        value = kwargs[name]
-        if value is not None and value % sd.latent_factor:
-            raise UsageError(
-                f"--{name} must be a multiple of {sd.latent_factor} for this model; got {value}"
-            )
     return _write(sd.text_to_image(args.prompt, **_sampling_kwargs(args, sd), **kwargs), args)
 
 
@@ -295,6 +314,7 @@ def outpaint(args) -> int:
 
 
 def convert(args) -> int:
+    _import_backend_quietly()
     from keras_sd import backend
     from keras_sd.conversion import convert as convert_checkpoint
 
@@ -307,6 +327,14 @@ def convert(args) -> int:
         raise UsageError(f"DST {args.dst!r} exists; pass --overwrite to replace it")
     if not os.path.isdir(os.path.dirname(dst)):
         raise UsageError(f"the folder of DST {args.dst!r} does not exist")
+    # keras_sd.conversion.convert's default: a .safetensors name is one file, else a folder.
+    layout = args.layout or ("compvis" if dst.lower().endswith(".safetensors") else "diffusers")
+    if layout == "diffusers" and os.path.exists(dst) and not os.path.isdir(dst):
+        raise UsageError(f"DST {args.dst!r} is a file; --layout diffusers writes a folder")
+    if layout != "diffusers" and os.path.isdir(dst):
+        raise UsageError(f"DST {args.dst!r} is a folder; --layout {layout} writes one file")
+    if len(os.path.basename(dst).encode()) > _name_max(os.path.dirname(dst)):
+        raise UsageError(f"DST {args.dst!r}: the name is too long for the file system")
     backend.use_pooled_host_memory()
     convert_checkpoint(
         args.src,
@@ -331,20 +359,50 @@ COMMANDS = {
 }
 
 
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def _import_backend_quietly() -> None:
+    """Import Keras (and so its backend) with stderr closed, unless the user chose a
+    TensorFlow log level: TensorFlow's C++ start-up lines (oneDNN, CUDA drivers, CPU
+    instructions) are written before TF_CPP_MIN_LOG_LEVEL is read, and are noise here."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    # Later lines, such as the error it logs for every program loaded from the compile
+    # cache (it tries the text format before the binary one), do follow the level.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv=None) -> int:
-    """Entry point of the `keras-sd` console script; returns the exit status."""
+    """Entry point of the `keras-sd` console script; returns the exit status: 2 for a bad
+    argument, 1 for a run that failed (a non-finite result, a file that could not be
+    written), with one line on stderr either way."""
     args = build_parser().parse_args(argv)
-    # Nothing has imported TensorFlow yet (`keras_sd` imports its backend lazily). Its C++
-    # start-up lines are noise here, and so is the error line it logs for every program
-    # it loads from the compile cache (it tries the text format before the binary one):
-    # quiet unless the user chose a level.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
-        message = " ".join(str(error).split())
-        print(f"keras-sd: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(error, 2)
+    except (FloatingPointError, OSError) as error:
+        return _fail(error, 1)
+
+
+def _fail(error: Exception, status: int) -> int:
+    message = " ".join(str(error).split())
+    print(f"keras-sd: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

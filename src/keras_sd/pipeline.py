@@ -9,7 +9,6 @@ decode -> uint8. The model math lives in `keras_sd.models`, the loop in
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 from keras import ops
@@ -40,7 +39,8 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
     next call, with its own compiled programs.
 
     Args:
-        img_height: default image height in pixels, a multiple of the VAE factor (8).
+        img_height: default image height in pixels, a multiple of `size_multiple` (64
+            for SD 1.x/2.x: the VAE's factor 8, times 2 per UNet downsampling).
         img_width: default image width in pixels, likewise.
         jit_compile: True (XLA), False or "auto" (XLA on GPUs, and on CPUs for
             full-size float32 models; see `keras_sd.backend.resolve_jit_compile`); the
@@ -76,18 +76,17 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         scheduler=None,
     ):
         backend.validate_jit_compile(jit_compile)
-        self.config = presets.resolve_model_config(config)
+        self.config = cfg = presets.resolve_model_config(config)
         self.jit_compile = jit_compile
-        cfg = self.config
+        self.scheduler = self._get_scheduler(scheduler)  # checked before building models
+        parts = (tokenizer, text_encoder, diffusion_model, decoder, image_encoder)
+        arguments.check_construction(cfg, img_width, img_height, *parts)
+        self.img_width, self.img_height = img_width, img_height
         self.tokenizer = tokenizer or CLIPTokenizer(**cfg["tokenizer"])
         self.text_encoder = text_encoder or CLIPTextEncoder(**cfg["text_encoder"])
         self.diffusion_model = diffusion_model or UNet(**cfg["unet"])
         self.decoder = decoder or VAEDecoder(**cfg["vae"])
         self.image_encoder = image_encoder or VAEEncoder(**cfg["vae"])
-        self.scheduler = self._get_scheduler(scheduler)
-        self._validate_size("img_width", img_width)
-        self._validate_size("img_height", img_height)
-        self.img_width, self.img_height = img_width, img_height
         # Generation settings a preset recommends (the CLI's defaults).
         self.defaults = {"num_steps": 50, "guidance_scale": 7.5}
         self._compiled = {}  # role -> (component, compiled program), see _program
@@ -136,6 +135,7 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         Example:
         >>> sd = StableDiffusion.from_checkpoint("v1-5.safetensors")  # doctest: +SKIP
         """
+        arguments.check_checkpoint_kwargs(kwargs, presets.COMPONENTS)
         return cls(jit_compile=jit_compile, **checkpoint.checkpoint_kwargs(path, **kwargs))
 
     @classmethod
@@ -217,24 +217,6 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
     def latent_channels(self) -> int:
         return self.decoder.latent_channels
 
-    def _validate_size(self, name: str, value) -> None:
-        factor = self.latent_factor
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int; received {value!r}.")
-        if value <= 0 or value % factor:
-            nearest = max(factor, round(value / factor) * factor)
-            raise ValueError(
-                f"{name} must be a positive multiple of {factor} (the VAE downsampling "
-                f"factor); received {value}. Nearest valid: {nearest}."
-            )
-
-    def _tokenize(self, prompts):
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompt must be a string or a list of strings; received {prompts!r}.")
-        return self.tokenizer(list(prompts))
-
     # -------------------------------------------------------------- public API
     def encode_text(self, prompt):
         """Encode prompts into text embeddings.
@@ -251,7 +233,7 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         >>> tuple(sd.encode_text("a red circle").shape)[:2]
         (1, 77)
         """
-        token_ids = self._tokenize(prompt)
+        token_ids = self.tokenizer(arguments.prompt_list(prompt, "prompt"))
         table = getattr(self.text_encoder, "vocab_size", None)
         if table is not None and int(np.max(token_ids)) >= table:
             raise ValueError(
@@ -302,25 +284,28 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         Returns:
             np.uint8 array [batch_size, height, width, 3].
 
+        Raises:
+            ValueError, TypeError: a bad argument, named, before any model runs
+                (including a run whose estimated memory exceeds the machine's).
+            FloatingPointError: the result holds NaN/inf (float16 overflow, bad
+                weights or inputs) instead of an image.
+
         Example:
         >>> sd = StableDiffusion(64, 64, config="tiny")
         >>> sd.generate_image(sd.encode_text("a red circle"), num_steps=2, seed=0).shape
         (1, 64, 64, 3)
         """
-        width = self.img_width if width is None else width
-        height = self.img_height if height is None else height
-        self._validate_size("width", width)
-        self._validate_size("height", height)
-        arguments.check_sampling_args(
-            batch_size, num_steps, unconditional_guidance_scale, seed, diffusion_noise
-        )
-        scheduler = self.scheduler if scheduler is None else self._get_scheduler(scheduler)
-        context = arguments.expand_batch(encoded_text, batch_size, "encoded_text")
+        scheduler, width, height = arguments.check_run(
+            self, batch_size, num_steps, unconditional_guidance_scale, seed, scheduler=scheduler,
+            width=width, height=height, diffusion_noise=diffusion_noise, progress=progress
+        )  # fmt: skip
+        negatives = arguments.negative_list(negative_prompt, batch_size)
+        guided = unconditional_guidance_scale > 1.0
+        context = arguments.text_context(encoded_text, batch_size, self, guided)
         uncond = None
-        if unconditional_guidance_scale > 1.0:
-            uncond = arguments.expand_batch(
-                self.encode_text(negative_prompt or ""), batch_size, "negative_prompt"
-            )
+        if guided:
+            uncond = self.encode_text(negatives)
+            uncond = arguments.expand_batch(uncond, batch_size, "negative_prompt")
         latent_shape = (
             batch_size,
             height // self.latent_factor,
@@ -378,7 +363,7 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
             )
             latents = ops.convert_to_numpy(latents)
             bar.update(bar.total - bar.n)  # programs that cannot report per step
-        return latents
+        return arguments.check_finite(latents, "denoised latents", self.diffusion_model)
 
     def decode_latents(self, latents) -> np.ndarray:
         """Decode latents to uint8 images [B, H, W, 3] (applies the VAE scaling factor)."""
@@ -387,6 +372,7 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         with backend.no_grad():
             pixels = program(weights, scaled)
         pixels = np.asarray(ops.convert_to_numpy(ops.cast(pixels, "float32")))
+        arguments.check_finite(pixels, "decoded pixels", self.decoder)
         return np.round(np.clip((pixels + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
 
     def text_to_image(
@@ -418,6 +404,9 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         Returns:
             np.uint8 array [len(prompts) * batch_size, height, width, 3].
 
+        Raises:
+            ValueError, TypeError, FloatingPointError: as `generate_image`.
+
         Example:
         >>> sd = StableDiffusion(64, 64, config="tiny")
         >>> sd.text_to_image("a red circle", batch_size=2, num_steps=2, seed=3).shape
@@ -427,7 +416,8 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         """
         prompts = arguments.prompt_list(prompt, "prompt")
         negatives = arguments.negative_list(negative_prompt, len(prompts))
-        arguments.validate_positive_int("batch_size", batch_size)
+        guidance, steps = unconditional_guidance_scale, num_steps
+        arguments.check_run(self, batch_size, steps, guidance, seed, len(prompts), **kwargs)
         context, negative_rows = self._text_rows(prompts, negatives, len(prompts), batch_size)
         return self.generate_image(
             context,

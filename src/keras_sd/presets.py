@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 
-from keras_sd.models import clip_text, unet, vae
+from keras_sd.models import clip_text, unet, vae, validation
 
 _SD1 = {
     "tokenizer": {},
@@ -69,6 +69,7 @@ def resolve_model_config(config) -> dict:
             f"config dict must have exactly the keys {list(COMPONENTS)}; "
             f"missing {missing}, unknown {unknown}."
         )
+    validation.check_model_config(config)  # before any component is built
     return copy.deepcopy(config)
 
 

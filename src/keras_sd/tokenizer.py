@@ -13,14 +13,14 @@ import gzip
 import html
 import importlib.resources
 import json
-import math
 import os
 from collections.abc import Sequence
-from itertools import pairwise
 
 import ftfy
 import numpy as np
 import regex
+
+from keras_sd import bpe
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -29,6 +29,8 @@ _BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 # The file holds 262,144 merges; CLIP uses only the first ones, so that 256 byte symbols, their
 # 256 end-of-word forms, these merges and the two special tokens give 49,408 ids.
 _NUM_MERGES = 48_894
+# Bytes of one pre-tokenized word that BPE reads, bounding its work; the rest is dropped.
+_MAX_WORD_BYTES = 65_536
 # CLIP's pre-tokenizer: English contractions, letter runs, single digits, runs of anything else.
 _WORD_PATTERN = regex.compile(
     r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE
@@ -234,39 +236,28 @@ class CLIPTokenizer:
         out = np.full((len(texts), self.max_length), self.pad_token_id, dtype=np.int32)
         for row, text in enumerate(texts):
             _check_str(text, f"texts[{row}]")
-            ids = self.encode(text)
-            if len(ids) > self.max_length:
-                ids = ids[: self.max_length - 1] + [self.end_token_id]
+            # Only the first max_length - 2 BPE ids survive truncation: stop encoding there.
+            kept = self._encode_clean(clean_text(text), limit=self.max_length - 2)
+            ids = [self.start_token_id, *kept[: self.max_length - 2], self.end_token_id]
             out[row, : len(ids)] = ids
         return out
 
-    def _encode_clean(self, text: str) -> list[int]:
+    def _encode_clean(self, text: str, limit: int | None = None) -> list[int]:
         ids = []
         # split() with a capturing group alternates plain text and whole-matched tokens.
         for i, part in enumerate(self._whole_pattern.split(text)):
             if i % 2:
                 ids.extend(self._vectors.get(part) or [self._whole[part]])
                 continue
-            for word in _WORD_PATTERN.findall(part):
-                ids.extend(self._bpe("".join(map(self._byte_encoder.get, word.encode("utf-8")))))
+            for match in _WORD_PATTERN.finditer(part):
+                if limit is not None and len(ids) >= limit:
+                    return ids
+                data = match.group().encode("utf-8")[:_MAX_WORD_BYTES]
+                ids.extend(self._bpe("".join(map(self._byte_encoder.get, data))))
         return ids
 
     def _bpe_uncached(self, word: str) -> tuple[int, ...]:
-        symbols = [*word[:-1], word[-1] + _END_OF_WORD]
-        while len(symbols) > 1:
-            # Apply the earliest-learned merge present, at every (non-overlapping) position.
-            rank, best = min((self._ranks.get(p, math.inf), p) for p in pairwise(symbols))
-            if rank == math.inf:
-                break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+        symbols = bpe.merge([*word[:-1], word[-1] + _END_OF_WORD], self._ranks, self._merges)
         return tuple(self._token_to_id[s] for s in symbols)
 
     # -- added tokens ---------------------------------------------------------------------

@@ -42,6 +42,7 @@ class ImageWorkflows:
         return self._encode_pixels(self._load_images(image, value_range, resize))
 
     def _load_images(self, image, value_range, resize):
+        arguments.check_flag("resize", resize)
         return images.load_images(
             image, self.size_multiple, value_range=value_range, resize=resize, name="image"
         )
@@ -204,6 +205,7 @@ class ImageWorkflows:
         ((1, 32, 32, 3), True)
         """
         arguments.check_strength(strength)
+        arguments.check_flag("resize", resize)
         pixels = images.read_images(image, value_range=value_range)
         masks = images.read_masks(mask, pixels.shape[1:3])
         pixels = images.fit_to_factor(pixels, self.size_multiple, resize, "image")
@@ -267,6 +269,7 @@ class ImageWorkflows:
         """
         arguments.check_strength(strength)
         pixels = self._load_images(image, value_range, resize)
+        arguments.check_extend(extend, pixels.shape[1:3])
         canvas, masks, _ = images.extend_canvas(pixels, extend, self.size_multiple)
         return self._edit(
             prompt,
@@ -303,16 +306,18 @@ class ImageWorkflows:
     ) -> np.ndarray:
         """The image workflows after input reading: pixels [B, H, W, 3] in [0, 1],
         masks [M, H, W, 1] (None for image-to-image)."""
-        arguments.check_sampling_args(batch_size, num_steps, guidance, seed, diffusion_noise)
-        scheduler = self.scheduler if scheduler is None else self._get_scheduler(scheduler)
-        scheduler.check_num_steps(num_steps)
         takes_mask = self._unet_takes_mask()
         prompts = arguments.prompt_list(prompt, "prompt")
         negatives = arguments.negative_list(negative_prompt, len(prompts))
+        arguments.check_flag("keep_unmasked", keep_unmasked)
         counts = {"prompt": len(prompts), "image": len(pixels)}
         if masks is not None:
             counts["mask"] = len(masks)
         items = arguments.item_count(counts)
+        scheduler, _, _ = arguments.check_run(
+            self, batch_size, num_steps, guidance, seed, items, diffusion_noise=diffusion_noise,
+            scheduler=scheduler, width=pixels.shape[2], height=pixels.shape[1], progress=progress,
+        )  # fmt: skip
         context, negative_rows = self._text_rows(prompts, negatives, items, batch_size)
         uncond = None
         if guidance > 1.0:

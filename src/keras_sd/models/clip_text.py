@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_sd.models import validation
 from keras_sd.models.attention import dot_product_attention
 
 SD1_CONFIG = {
@@ -213,6 +214,7 @@ class CLIPTextEncoder(keras.Model):
         layer_norm_epsilon: float = 1e-5,
         **kwargs,
     ):
+        validation.check_config("text_encoder", locals())  # before anything is built
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.max_length = max_length

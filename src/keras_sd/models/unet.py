@@ -17,6 +17,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from keras_sd.models import validation
 from keras_sd.models.layers import (
     Downsample2D,
     GroupNorm,
@@ -122,6 +123,7 @@ class UNet(keras.Model):
         norm_eps: float = 1e-5,
         **kwargs,
     ):
+        validation.check_config("unet", locals())  # before anything is built
         kwargs.setdefault("name", "unet")
         super().__init__(**kwargs)
         levels = len(block_out_channels)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from keras_sd.models import validation
 from keras_sd.models.layers import (
     Downsample2D,
     GroupNorm,
@@ -108,6 +109,7 @@ class _VAEBase(keras.Model):
         force_upcast: bool = True,
         **kwargs,
     ):
+        validation.check_config("vae", locals())  # before anything is built
         policy = keras.dtype_policies.get(kwargs.get("dtype") or keras.config.dtype_policy())
         if force_upcast and policy.compute_dtype == "float16":
             # SD VAEs' activations outgrow float16 (65504) at larger sizes: NaN or black

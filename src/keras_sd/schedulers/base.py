@@ -37,6 +37,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers config keys that switch on features keras-sd does not implement;
 # a config that enables one is refused rather than silently sampled differently.
 UNSUPPORTED_DIFFUSERS_KEYS = ("trained_betas", "thresholding", "rescale_betas_zero_snr")
+# Longest training schedule accepted (SD uses 1000): bounds the tables built from a config.
+MAX_TRAIN_TIMESTEPS = 10_000
 
 
 def check_choice(name: str, value, allowed: tuple) -> None:
@@ -222,14 +224,14 @@ class Scheduler(abc.ABC):
         timestep_spacing: str = "leading",
         steps_offset: int = 1,
     ):
-        check_int("num_train_timesteps", num_train_timesteps, 1)
+        check_int("num_train_timesteps", num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
         for name, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
             if not isinstance(beta, numbers.Real) or not 0.0 < beta < 1.0:
                 raise ValueError(f"`{name}` must be a number in (0, 1), got {beta!r}.")
         check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_int("steps_offset", steps_offset, 0)
+        check_int("steps_offset", steps_offset, 0, num_train_timesteps - 1)
         self.num_train_timesteps = int(num_train_timesteps)
         self.beta_start = float(beta_start)
         self.beta_end = float(beta_end)
@@ -277,9 +279,20 @@ class Scheduler(abc.ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
+    def max_num_steps(self) -> int:
+        """The most steps a run can take: every timestep it visits must be a training
+        timestep, and "leading" spacing adds `steps_offset` (1000 steps of a 1000-step
+        schedule with offset 1 would reach timestep 1000)."""
+        n, total = self.num_train_timesteps, self.num_train_timesteps
+        while self.timestep_spacing == "leading" and n > 1:
+            if (n - 1) * (total // n) + self.steps_offset < total:
+                break
+            n -= 1
+        return n
+
     def check_num_steps(self, num_steps) -> None:
-        """Raise ValueError unless 1 <= num_steps <= num_train_timesteps."""
-        check_int("num_steps", num_steps, 1, self.num_train_timesteps)
+        """Raise ValueError unless 1 <= num_steps <= `max_num_steps()`."""
+        check_int("num_steps", num_steps, 1, self.max_num_steps())
 
     def start_index(self, num_steps: int, strength: float = 1.0) -> int:
         """First step of `schedule(num_steps)` that a run with `strength` executes.

@@ -48,6 +48,10 @@ class KerasCVScheduler(DDIMScheduler):
             set_alpha_to_one=True,
         )
 
+    def max_num_steps(self) -> int:
+        """Every training timestep: KerasCV's spacing ends at T - 1 for any step count."""
+        return self.num_train_timesteps
+
     def schedule(self, num_steps: int, strength: float = 1.0) -> dict:
         """Per-step tables: KerasCV's timesteps, alpha_prod at each and at the next.
 
