@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # Keras and its backend until something needs them.
 _EXPORTS = {
     "CLIPTextEncoder": "keras_sd.models.clip_text",
+    "CheckpointError": "keras_sd.weights.state_dict",
     "CLIPTokenizer": "keras_sd.tokenizer",
     "DDIMScheduler": "keras_sd.schedulers",
     "StableDiffusion": "keras_sd.pipeline",

@@ -155,7 +155,9 @@ def config_edit(metadata: dict, rng: random.Random) -> dict:
     keys = sorted(config.setdefault(component, {})) or ["x"]
     choice = rng.randrange(5)
     if choice == 0:
-        config[component][rng.choice(keys)] = rng.choice([0, -1, 1.5, "x", None, [], {}, True, [8]])
+        config[component][rng.choice(keys)] = rng.choice(
+            [0, -1, 1.5, "x", None, [], {}, True, [8], 10**5, 4 * 10**8, 2**62]
+        )
     elif choice == 1:
         config[component].pop(rng.choice(keys), None)
     elif choice == 2:

@@ -31,7 +31,18 @@ NAME_SEPARATOR = "-"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not match the model it is loaded into."""
+    """A checkpoint is refused: it does not match the model, or it is malformed or hostile.
+
+    Example:
+    >>> import os, tempfile, keras_sd
+    >>> path = os.path.join(tempfile.mkdtemp(), "bad.safetensors")
+    >>> _ = open(path, "wb").write(b"not a checkpoint")
+    >>> try:
+    ...     keras_sd.StableDiffusion.from_checkpoint(path)
+    ... except keras_sd.CheckpointError as error:
+    ...     print(str(error).split(":")[0].endswith("as a safetensors file"))
+    True
+    """
 
 
 @contextlib.contextmanager
