@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_sd import presets
 from keras_sd.models import clip_text
-from keras_sd.weights import deferred, safetensors_io
+from keras_sd.weights import deferred, h5_safety, safetensors_io
 from keras_sd.weights.state_dict import CheckpointError, named_variables, stand_in
 
 COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
@@ -213,6 +213,7 @@ def read_keras_cv_h5(path) -> list:
         raise FileNotFoundError(f"KerasCV weights file not found: {path}")
     try:
         with h5py.File(path, "r") as f:
+            h5_safety.check_links(f, path)
             root = f["model_weights"] if "model_weights" in f else f
             if "layer_names" not in root.attrs:
                 return _read_keras3_weights(path, f)
