@@ -26,7 +26,7 @@ import keras_cv  # noqa: E402
 
 from keras_sd.compat import keras_cv as drop_in  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group(FULL_SIZE)
+pytestmark = [pytest.mark.xdist_group(FULL_SIZE), pytest.mark.slow]
 LATENT = KERAS_CV_SIZE // 8
 
 

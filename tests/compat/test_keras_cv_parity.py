@@ -13,7 +13,7 @@ import pytest
 from conftest import FULL_SIZE, KERAS_CV_SIZE
 
 pytest.importorskip("keras_cv")
-pytestmark = pytest.mark.xdist_group(FULL_SIZE)
+pytestmark = [pytest.mark.xdist_group(FULL_SIZE), pytest.mark.slow]
 
 PROMPT = "a photograph of an astronaut riding a horse"
 LATENT = KERAS_CV_SIZE // 8

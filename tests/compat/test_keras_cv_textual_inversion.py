@@ -28,7 +28,7 @@ from keras_cv.src.models.stable_diffusion.clip_tokenizer import (  # noqa: E402
 
 from keras_sd.compat import keras_cv as drop_in  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group(FULL_SIZE)
+pytestmark = [pytest.mark.xdist_group(FULL_SIZE), pytest.mark.slow]
 PLACEHOLDER = "<my-funny-cat-token>"
 MAX_PROMPT_LENGTH = 77
 
