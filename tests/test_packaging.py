@@ -84,7 +84,18 @@ def test_wheel_installs_in_a_fresh_venv_and_generates(dist, tmp_path):
     python, command = venv / "bin" / "python", venv / "bin" / "keras-sd"
     env = _clean_env()
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(wheel)],
+        # --ignore-installed: a regular (non-editable) keras-sd in the base site-packages,
+        # as CI installs it, would otherwise count as already satisfied.
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--ignore-installed",
+            "--quiet",
+            str(wheel),
+        ],
         capture_output=True,
         text=True,
         env=env,
