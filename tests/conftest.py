@@ -180,6 +180,9 @@ def pytest_collection_modifyitems(config, items):
     machine. Starting the group first lets the other worker run the small tests beside
     it instead of the group running alone at the end. Within the group, the tests that
     share the KerasCV models come first, one after another, so those are built once.
+    Every other test runs on the worker that runs the rest of its file: a module's
+    fixtures (a built pipeline, a documentation site) and compiled programs are then
+    made once, not once per worker.
     """
     full, small = [], []
     for item in items:
@@ -187,6 +190,9 @@ def pytest_collection_modifyitems(config, items):
     full.sort(key=lambda item: not _uses_keras_cv(item))  # stable: file order otherwise
     for item in full:
         item.add_marker(pytest.mark.xdist_group(FULL_SIZE))
+    for item in small:
+        if not any(True for _ in item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     items[:] = full + small
 
 
