@@ -8,8 +8,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # keeps its peak for the whole worker, and the full-size tests' peaks then add up past RAM.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# One XLA compile cache for the whole session, set before TensorFlow or JAX starts:
+# compiled programs take weights as arguments, so every tiny pipeline of the same config,
+# size and settings is the same program, compiled once and then loaded by every other
+# pipeline, xdist worker and child process (they inherit these variables). Both caches
+# are safe to share between processes: TensorFlow renames a finished file into place,
+# and JAX recompiles (with a warning) if it reads an entry another process is writing.
+SESSION_COMPILE_CACHE = "KERAS_SD_TEST_SESSION_COMPILE_CACHE"
+COMPILE_CACHE_VARIABLES = (  # what a test about the cache itself removes for its children
+    "TF_XLA_FLAGS",
+    "KERAS_SD_COMPILE_CACHE",
+    "JAX_COMPILATION_CACHE_DIR",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+)
+if not os.environ.get(SESSION_COMPILE_CACHE):  # the controller (or a lone pytest) makes it
+    os.environ[SESSION_COMPILE_CACHE] = tempfile.mkdtemp(prefix="keras-sd-test-xla-")
+    atexit.register(shutil.rmtree, os.environ[SESSION_COMPILE_CACHE], ignore_errors=True)
+    _tf_flags = [  # a cache folder the shell named would not be fresh: ours replaces it
+        flag
+        for flag in os.environ.get("TF_XLA_FLAGS", "").split()
+        if not flag.startswith("--tf_xla_persistent_cache_directory=")
+    ]
+    _tf_flags.append(f"--tf_xla_persistent_cache_directory={os.environ[SESSION_COMPILE_CACHE]}")
+    os.environ["TF_XLA_FLAGS"] = " ".join(_tf_flags)
+    os.environ["KERAS_SD_COMPILE_CACHE"] = os.environ[SESSION_COMPILE_CACHE]  # the CLI's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SESSION_COMPILE_CACHE]
+    # JAX stores only programs that took a second to compile; the tiny ones take less.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # The comparisons against KerasCV's full-size models (its guides, generate_image parity)
 # hold KerasCV's and keras-sd's SD 1.x models at once and train through them: more than
