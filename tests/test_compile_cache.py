@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_VARIABLES, SESSION_COMPILE_CACHE
+from conftest import COMPILE_CACHE_VARIABLES, SESSION_COMPILE_CACHE, tensorflow_compile_cache
 from keras_sd import backend
 
 # TensorFlow's persistent-cache log line for a program loaded from disk (seen with
@@ -125,10 +125,14 @@ def test_default_folder_names_backend_version_and_machine(tmp_path, monkeypatch)
 
 def test_the_test_session_shares_one_fresh_cache_folder():
     """tests/conftest.py hands every worker and child process of a test session one
-    compile cache folder of its own (not the user's ~/.cache)."""
+    compile cache folder of its own (not the user's ~/.cache), with a TensorFlow folder
+    per xdist worker inside it."""
     folder = os.environ[SESSION_COMPILE_CACHE]
     assert os.path.isdir(folder) and not folder.startswith(os.path.expanduser("~/.cache"))
+    tf_folder = tensorflow_compile_cache()
+    assert os.path.dirname(tf_folder) == folder
+    assert tf_folder.endswith(os.environ.get("PYTEST_XDIST_WORKER", "main"))
     flags = [f for f in os.environ["TF_XLA_FLAGS"].split() if "persistent_cache_dir" in f]
-    assert flags == [f"--tf_xla_persistent_cache_directory={folder}"]
+    assert flags == [f"--tf_xla_persistent_cache_directory={tf_folder}"]
     assert os.environ["JAX_COMPILATION_CACHE_DIR"] == folder
     assert backend.default_compile_cache_dir() == folder
