@@ -8,8 +8,51 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # keeps its peak for the whole worker, and the full-size tests' peaks then add up past RAM.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# One XLA compile cache for the whole session, set before TensorFlow or JAX starts:
+# compiled programs take weights as arguments, so a program compiled once is loaded, not
+# compiled, wherever the same one comes again (JAX: any process; TensorFlow: a process
+# that traces the same functions in the same order, such as a repeated command). Workers
+# and the child processes the tests start inherit these variables.
+SESSION_COMPILE_CACHE = "KERAS_SD_TEST_SESSION_COMPILE_CACHE"
+COMPILE_CACHE_VARIABLES = (  # what a test about the cache itself removes for its children
+    "TF_XLA_FLAGS",
+    "KERAS_SD_COMPILE_CACHE",
+    "JAX_COMPILATION_CACHE_DIR",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+)
+if not os.environ.get(SESSION_COMPILE_CACHE):  # the controller (or a lone pytest) makes it
+    os.environ[SESSION_COMPILE_CACHE] = tempfile.mkdtemp(prefix="keras-sd-test-xla-")
+    atexit.register(shutil.rmtree, os.environ[SESSION_COMPILE_CACHE], ignore_errors=True)
+    os.environ["KERAS_SD_COMPILE_CACHE"] = os.environ[SESSION_COMPILE_CACHE]  # the CLI's
+    # JAX recompiles (with a warning) when it reads an entry another process is still
+    # writing, so both workers share its folder.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SESSION_COMPILE_CACHE]
+    # JAX stores only programs that took a second to compile; the tiny ones take less.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def tensorflow_compile_cache() -> str:
+    """This worker's TensorFlow cache folder: TensorFlow writes an entry in place and a
+    compile that reads a half-written one fails, so the two xdist workers (each running
+    one test, and its children, at a time) never share one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    return os.path.join(os.environ[SESSION_COMPILE_CACHE], f"tensorflow-{worker}")
+
+
+_tf_flags = [  # a folder named before (the shell's, the controller's) is replaced
+    flag
+    for flag in os.environ.get("TF_XLA_FLAGS", "").split()
+    if not flag.startswith("--tf_xla_persistent_cache_directory=")
+]
+_tf_flags.append(f"--tf_xla_persistent_cache_directory={tensorflow_compile_cache()}")
+os.environ["TF_XLA_FLAGS"] = " ".join(_tf_flags)
 
 # The comparisons against KerasCV's full-size models (its guides, generate_image parity)
 # hold KerasCV's and keras-sd's SD 1.x models at once and train through them: more than

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import COMPILE_CACHE_VARIABLES, SESSION_COMPILE_CACHE, tensorflow_compile_cache
 from keras_sd import backend
 
 # TensorFlow's persistent-cache log line for a program loaded from disk (seen with
@@ -19,8 +20,8 @@ TF_LOADED = "Loading cached entry"
 
 def run(argv, env_extra=None, timeout=600):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
-    env.pop("TF_XLA_FLAGS", None)
-    env.pop(backend.COMPILE_CACHE_VARIABLE, None)
+    for name in COMPILE_CACHE_VARIABLES:  # the session's shared cache: these count their own
+        env.pop(name, None)
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -120,3 +121,18 @@ def test_default_folder_names_backend_version_and_machine(tmp_path, monkeypatch)
     assert name == keras.backend.backend() and version and len(machine) == 12
     monkeypatch.setenv(backend.COMPILE_CACHE_VARIABLE, str(tmp_path / "chosen"))
     assert backend.default_compile_cache_dir() == str(tmp_path / "chosen")
+
+
+def test_the_test_session_shares_one_fresh_cache_folder():
+    """tests/conftest.py hands every worker and child process of a test session one
+    compile cache folder of its own (not the user's ~/.cache), with a TensorFlow folder
+    per xdist worker inside it."""
+    folder = os.environ[SESSION_COMPILE_CACHE]
+    assert os.path.isdir(folder) and not folder.startswith(os.path.expanduser("~/.cache"))
+    tf_folder = tensorflow_compile_cache()
+    assert os.path.dirname(tf_folder) == folder
+    assert tf_folder.endswith(os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    flags = [f for f in os.environ["TF_XLA_FLAGS"].split() if "persistent_cache_dir" in f]
+    assert flags == [f"--tf_xla_persistent_cache_directory={tf_folder}"]
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == folder
+    assert backend.default_compile_cache_dir() == folder

@@ -9,15 +9,31 @@ from keras_sd import DDIMScheduler, StableDiffusion
 
 
 @pytest.fixture(scope="module")
-def sd():
-    return StableDiffusion(32, 32, config="tiny")
+def pipelines():
+    """One tiny pipeline per `jit_compile` choice, built on first use and shared by the
+    module's tests (building and tracing each anew would repeat the same work). Tests
+    that count traces count the ones they add, with step counts no other test uses."""
+    built = {}
+
+    def pipeline(jit_compile):
+        if jit_compile not in built:
+            built[jit_compile] = StableDiffusion(32, 32, config="tiny", jit_compile=jit_compile)
+        return built[jit_compile]
+
+    return pipeline
+
+
+@pytest.fixture
+def sd(pipelines):
+    return pipelines("auto")
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_new_prompt_seed_or_guidance_does_not_retrace(jit_compile):
-    sd = StableDiffusion(32, 32, config="tiny", jit_compile=jit_compile)
+def test_new_prompt_seed_or_guidance_does_not_retrace(pipelines, jit_compile):
+    sd = pipelines(jit_compile)
+    traces = sd.sampler.trace_count
     first = sd.text_to_image("a red circle", num_steps=3, seed=1, progress=False)
-    assert sd.sampler.trace_count == 1
+    assert sd.sampler.trace_count == traces + 1
     second = sd.text_to_image(
         "a blue square",
         negative_prompt="a green star",
@@ -26,10 +42,10 @@ def test_new_prompt_seed_or_guidance_does_not_retrace(jit_compile):
         unconditional_guidance_scale=5.0,
         progress=False,
     )
-    assert sd.sampler.trace_count == 1
+    assert sd.sampler.trace_count == traces + 1
     assert not np.array_equal(first, second)
     sd.text_to_image("a red circle", num_steps=4, seed=1, progress=False)  # new step count
-    assert sd.sampler.trace_count == 2
+    assert sd.sampler.trace_count == traces + 2
 
 
 def test_same_seed_same_image_and_other_seed_differs(sd):
@@ -85,11 +101,11 @@ def test_prompt_type_error(sd):
 
 @pytest.mark.parametrize("num_steps", [1, 5])
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_progress_reports_every_step_without_retracing(jit_compile, num_steps):
+def test_progress_reports_every_step_without_retracing(pipelines, jit_compile, num_steps):
     """TensorFlow XLA cannot call the host from inside the program: there the same
     program runs one range of steps per call, so progress still arrives per step and
     the result equals one uninterrupted run."""
-    sd = StableDiffusion(32, 32, config="tiny", jit_compile=jit_compile)
+    sd = pipelines(jit_compile)
     latents = np.random.default_rng(0).standard_normal((1, 16, 16, 4)).astype("float32")
     context, uncond = sd.encode_text("a red circle"), sd.encode_text("")
     seen = []
