@@ -13,8 +13,6 @@ of tests/conftest.py.
 import numpy as np
 import pytest
 
-from conftest import randomize_torch_module, torch_state_dict
-
 SIZE = 64  # pixels; the tiny VAE halves them
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "a green square"
@@ -50,7 +48,9 @@ DDIM = dict(
     steps_offset=1,
 )
 
-PIPELINE_UNET = {**UNET, "sample_size": SIZE // 2}
+# Channels given explicitly: a config's defaults are not overridable through from_config.
+PIPELINE_UNET = {**UNET, "sample_size": SIZE // 2, "in_channels": 4, "out_channels": 4}
+PIPELINE_VAE = {**VAE, "in_channels": 3, "out_channels": 3, "latent_channels": 4}
 # keras-sd's "tiny" preset has two layers per block and two heads; the checkpoint
 # references match it so that `config="tiny"` reads their files.
 FOLDER_UNET = {**UNET, "sample_size": 8, "attention_head_dim": 2}
@@ -129,10 +129,12 @@ def build_reference(vocab_folder):
     from transformers import CLIPTextConfig, CLIPTextModel
     from transformers import CLIPTokenizer as HFTokenizer
 
+    # conftest imports this module's fixtures, so its helpers are imported on use.
+    from conftest import randomize_torch_module
     from keras_sd.tokenizer import CLIPTokenizer
 
     unet = UNet2DConditionModel(**PIPELINE_UNET)
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL(**PIPELINE_VAE)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
     # std chosen so the decoded images spread over the grey levels instead of clipping.
     for seed, (module, std) in enumerate(((unet, 0.05), (vae, 0.05), (text_encoder, 0.1))):
@@ -152,6 +154,7 @@ def build_reference(vocab_folder):
 
 def build_ours(pipe, **kwargs):
     """A keras-sd StableDiffusion with a diffusers pipeline's configs and weights."""
+    from conftest import torch_state_dict
     from keras_sd import StableDiffusion
     from keras_sd.models import clip_text, unet, vae
     from keras_sd.schedulers import ddim
