@@ -305,3 +305,12 @@ def winograd_calls(monkeypatch):
 def gemm_calls(monkeypatch):
     """Input shapes of the GEMM convolutions layers ran (`conv.gemm_conv3x3`)."""
     return _record_calls(monkeypatch, "gemm_conv3x3")
+
+
+# ------------------------------------------- shared tiny components (tests/tiny_components.py)
+# Imported last: tiny_components imports the helpers above from this module.
+from tiny_components import (  # noqa: E402, F401
+    tiny_diffusers_pipe,
+    tiny_keras_sd,
+    tiny_reference_images,
+)

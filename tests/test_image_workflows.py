@@ -1,8 +1,9 @@
 """image_to_image, inpaint and outpaint: parity with diffusers, behaviour on tiny-shapes,
 strength 0 and 1, compiled-loop reuse and bad inputs.
 
-Parity: the same tiny random weights as tests/test_pipeline.py (one module-scoped
-diffusers pipeline, loaded into keras-sd through the diffusers-format reader), DDIM,
+Parity: the same tiny random weights as tests/test_pipeline.py (the session's diffusers
+pipeline from tests/tiny_components.py, loaded into keras-sd through the diffusers-format
+reader), DDIM,
 guidance 7.5, 10 steps, and the same noise on both sides: diffusers draws its noise
 with `randn_tensor` and encodes with `latent_dist.sample(generator)`, so both are
 patched in its pipeline modules to our noise and to the posterior mean (keras-sd's
@@ -21,15 +22,8 @@ import torch  # noqa: E402
 
 from conftest import randomize_torch_module  # noqa: E402
 from keras_sd.shapes import checker, dataset  # noqa: E402
-from test_pipeline import (  # noqa: E402
-    MAX_TOLERANCE,
-    MEAN_TOLERANCE,
-    PROMPT,
-    SIZE,
-    build_ours,
-    build_reference,
-    compare,
-)
+from test_pipeline import MAX_TOLERANCE, MEAN_TOLERANCE, compare  # noqa: E402
+from tiny_components import PROMPT, SIZE, build_ours  # noqa: E402
 
 STEPS = 6
 BATCH = 2
@@ -37,19 +31,18 @@ LATENT = SIZE // 2  # the tiny VAE halves the image
 
 
 # ------------------------------------------------------------------ diffusers parity
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+@pytest.fixture
+def reference(tiny_diffusers_pipe, tiny_keras_sd):
     """(diffusers text-to-image pipeline, keras-sd with the same weights)."""
-    pipe = build_reference(tmp_path_factory.mktemp("vocab"))
-    return pipe, build_ours(pipe)
+    return tiny_diffusers_pipe, tiny_keras_sd
 
 
 @pytest.fixture(scope="module")
-def inpainting_reference(reference):
+def inpainting_reference(tiny_diffusers_pipe):
     """The same pipeline with a 9-channel (inpainting) UNet of seeded random weights."""
     from diffusers import UNet2DConditionModel
 
-    pipe, _ = reference
+    pipe = tiny_diffusers_pipe
     unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 9})
     randomize_torch_module(unet, seed=3, std=0.05)
     components = {**pipe.components, "unet": unet.eval()}

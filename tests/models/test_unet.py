@@ -94,6 +94,13 @@ def check_parity(config: dict, size: int = 8, length: int = CONTEXT_LENGTH, batc
     return unet, inputs, actual
 
 
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """(diffusers UNet, keras-sd UNet with its weights) for TINY_CONFIG, built once."""
+    torch_model = diffusers_unet(TINY_CONFIG)
+    return torch_model, loaded_unet(torch_model)
+
+
 @pytest.mark.parametrize(
     "config", [TINY_CONFIG, LINEAR_CONFIG, INPAINT_CONFIG], ids=["tiny", "linear", "inpaint"]
 )
@@ -107,10 +114,9 @@ def test_config_from_diffusers_inverts_test_mapping():
         assert UNet(**kwargs).get_config() == UNet(**config).get_config()
 
 
-def test_scalar_and_float_timesteps():
-    torch_model = diffusers_unet(TINY_CONFIG)
+def test_scalar_and_float_timesteps(tiny_pair):
+    torch_model, unet = tiny_pair
     latents, _, context = unet_inputs(TINY_CONFIG)
-    unet = loaded_unet(torch_model)
     for timestep in (250, 250.5):
         expected = torch_reference(
             torch_model, latents, np.full((2,), timestep, dtype=np.float32), context
@@ -119,10 +125,10 @@ def test_scalar_and_float_timesteps():
         assert max_abs_normalized_error(actual, expected) <= FLOAT32_TOLERANCE
 
 
-def test_mixed_float16_close_to_float32():
-    torch_model = diffusers_unet(TINY_CONFIG)
+def test_mixed_float16_close_to_float32(tiny_pair):
+    torch_model, float32_unet = tiny_pair
     inputs = unet_inputs(TINY_CONFIG)
-    reference = keras.ops.convert_to_numpy(loaded_unet(torch_model)(*inputs))
+    reference = keras.ops.convert_to_numpy(float32_unet(*inputs))
     unet = loaded_unet(torch_model, dtype="mixed_float16")
     out = unet(*inputs)
     assert keras.backend.standardize_dtype(out.dtype) == "float16"

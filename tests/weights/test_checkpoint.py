@@ -29,43 +29,27 @@ from keras_sd.weights.checkpoint import save_checkpoint  # noqa: E402
 from keras_sd.weights.compvis import diffusers_to_compvis  # noqa: E402
 from keras_sd.weights.safe_pickle import UnsafeCheckpointError  # noqa: E402
 from keras_sd.weights.state_dict import CheckpointError, named_variables  # noqa: E402
+from tiny_components import (  # noqa: E402
+    CHECKPOINT_UNET,
+    CHECKPOINT_VAE,
+    FULL_TEXT,
+    FULL_UNET,
+    FULL_VAE,
+    TEXT,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 TOLERANCE = 1e-4
 COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
 
-# Reference architectures in diffusers/transformers terms, and the keras-sd config that
-# supplies what the weights cannot show (heads, groups, activation).
-_TINY_UNET = dict(
-    sample_size=8,
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=2,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-)
-_TINY_VAE = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    norm_num_groups=8,
-    sample_size=32,
-)
-_TINY_TEXT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    hidden_act="quick_gelu",
-)
+# Reference architectures in diffusers/transformers terms (tests/tiny_components.py), and
+# the keras-sd config that supplies what the weights cannot show (heads, groups, activation).
+_TINY_TEXT = {**TEXT, "hidden_act": "quick_gelu"}
 REFERENCES = {
-    "sd1": (_TINY_UNET, _TINY_VAE, _TINY_TEXT),
+    "sd1": (CHECKPOINT_UNET, CHECKPOINT_VAE, _TINY_TEXT),
     "sd2": (
-        {**_TINY_UNET, "use_linear_projection": True, "attention_head_dim": (2, 4)},
-        _TINY_VAE,
+        {**CHECKPOINT_UNET, "use_linear_projection": True, "attention_head_dim": (2, 4)},
+        CHECKPOINT_VAE,
         {**_TINY_TEXT, "hidden_act": "gelu"},
     ),
 }
@@ -489,41 +473,15 @@ def test_loading_needs_no_torch(tmp_path, sd_files, references):
 
 
 # Full-size SD 1.5 and SD 2.1 layouts (the released files' architectures and key sets).
-_FULL_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=512,
-)
+_FULL_VAE = {**FULL_VAE, "sample_size": 512}
 _FULL = {
     "sd1": (
-        dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-        dict(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        ),
+        {**FULL_UNET["sd1"], "sample_size": 64},
+        {**FULL_TEXT["sd1"], "hidden_act": "quick_gelu", "projection_dim": 768},
     ),
     "sd2": (
-        dict(
-            sample_size=96,
-            cross_attention_dim=1024,
-            attention_head_dim=(5, 10, 20, 20),
-            use_linear_projection=True,
-            upcast_attention=True,
-        ),
-        dict(
-            hidden_size=1024,
-            num_hidden_layers=24,  # OpenCLIP ViT-H; SD 2.x uses the first 23
-            num_attention_heads=16,
-            intermediate_size=4096,
-            hidden_act="gelu",
-            projection_dim=512,
-        ),
+        {**FULL_UNET["sd2"], "sample_size": 96, "upcast_attention": True},
+        {**FULL_TEXT["sd2"], "projection_dim": 512},
     ),
 }
 

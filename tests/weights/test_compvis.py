@@ -18,58 +18,15 @@ from keras_sd.weights.compvis import (  # noqa: E402
     detect_variant,
     diffusers_to_compvis,
 )
+from tiny_components import COMPVIS_TEXT as TINY_CLIP  # noqa: E402
+from tiny_components import COMPVIS_UNET as TINY_UNET  # noqa: E402
+from tiny_components import COMPVIS_VAE as TINY_VAE  # noqa: E402
+from tiny_components import FULL_TEXT, FULL_UNET  # noqa: E402
+from tiny_components import FULL_VAE as SD_VAE  # noqa: E402
 
 OPENCLIP = "cond_stage_model.model."
-TINY_UNET = dict(
-    sample_size=8,
-    out_channels=4,
-    block_out_channels=(8, 16, 16),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=12,
-    attention_head_dim=2,
-    norm_num_groups=4,
-)
-TINY_VAE = dict(
-    block_out_channels=(8, 16, 16),
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=16,
-)
-TINY_CLIP = dict(
-    hidden_size=8,
-    intermediate_size=16,
-    num_attention_heads=2,
-    vocab_size=50,
-    max_position_embeddings=7,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
-)
-SD15_UNET = dict(cross_attention_dim=768, attention_head_dim=8)
-SD21_UNET = dict(
-    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
-)
-SD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-)
-SD15_CLIP = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
-)
-SD21_CLIP = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    hidden_act="gelu",
-)
+SD15_UNET, SD21_UNET = FULL_UNET["sd1"], FULL_UNET["sd2"]
+SD15_CLIP, SD21_CLIP = FULL_TEXT["sd1"], FULL_TEXT["sd2"]
 
 
 def _text_state_dict(model):

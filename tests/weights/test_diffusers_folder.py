@@ -21,25 +21,8 @@ from keras_sd import StableDiffusion  # noqa: E402
 from keras_sd.weights import diffusers_folder  # noqa: E402
 from keras_sd.weights.diffusers import export_components  # noqa: E402
 from keras_sd.weights.state_dict import CheckpointError  # noqa: E402
-
-UNET = dict(
-    sample_size=8,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=2,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-)
-VAE = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    norm_num_groups=8,
-)
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+from tiny_components import FOLDER_UNET as UNET  # noqa: E402
+from tiny_components import TEXT, VAE  # noqa: E402
 
 
 def _models(unet_sample_size=8, seed=0):
