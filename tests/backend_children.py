@@ -14,6 +14,7 @@ the backend in KERAS_BACKEND and prints {task: {"result": ...} or {"error": ...}
 as JSON on its last line.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -144,11 +145,18 @@ def task_result(results: dict, name: str):
     return outcome["result"]
 
 
+@functools.cache
+def _jax_child() -> dict:
+    return run_child(JAX_ENV, list(TASKS))
+
+
 @pytest.fixture(scope="session")
 def jax_results() -> dict:
     """Every task's result from one KERAS_BACKEND=jax child, run at first use, and the
     backend the child ran on under "backend"."""
-    return run_child(JAX_ENV, list(TASKS))
+    # Each test module that imports this fixture gets a definition of its own, so the
+    # child's results are kept here, once a process.
+    return _jax_child()
 
 
 if __name__ == "__main__":
