@@ -1,7 +1,9 @@
-"""The end-to-end diffusers comparison again on the JAX and PyTorch backends.
+"""The end-to-end diffusers comparison again on the JAX and PyTorch backends, and
+backend-specific checks that need a process of their own.
 
-A Keras process has one backend, so the check runs `tests/test_pipeline.py` as
-a script in a subprocess with KERAS_BACKEND set, and applies the same tolerances.
+A Keras process has one backend: on PyTorch the comparison runs `tests/test_pipeline.py`
+as a script in a subprocess with KERAS_BACKEND set; the JAX checks read the session's
+shared JAX child (tests/backend_children.py). Both apply test_pipeline's tolerances.
 """
 
 import json
@@ -12,48 +14,36 @@ import sys
 
 import pytest
 
+from backend_children import JAX_GROUP, jax_results, task_result  # noqa: F401
 from test_pipeline import assert_close
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "test_pipeline.py")
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_text_to_image_matches_diffusers_on_backend(backend):
-    env = {**os.environ, "KERAS_BACKEND": backend}
+@pytest.mark.xdist_group(JAX_GROUP)
+def test_text_to_image_matches_diffusers_on_jax(jax_results):  # noqa: F811
+    assert jax_results["backend"] == "jax"
+    assert_close(task_result(jax_results, "pipeline"))
+
+
+def test_text_to_image_matches_diffusers_on_torch():
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
     run = subprocess.run(
         [sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=900
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert_close(result)
+    assert_close(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
-JAX_FLOAT16_ATTENTION = """
-import jax, numpy as np
-from keras_sd.models.attention import dot_product_attention
-rng = np.random.default_rng(0)
-q, k, v = (rng.standard_normal((2, 7, 3, 8)).astype("float16") for _ in range(3))
-for causal in (False, True):
-    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal))(q, k, v)
-    assert out.dtype == np.float16, out.dtype
-    x = [a.astype("float64").transpose(0, 2, 1, 3) for a in (q, k, v)]
-    logits = x[0] @ x[1].transpose(0, 1, 3, 2) / np.sqrt(8)
-    if causal:
-        logits = np.where(np.triu(np.ones((7, 7), bool), 1), -np.inf, logits)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    ref = ((p / p.sum(-1, keepdims=True)) @ x[2]).transpose(0, 2, 1, 3)
-    err = np.abs(np.asarray(out, "float64") - ref).max()
-    assert err < 4e-3, (causal, err)
-print("ok")
-"""
-
-
-def test_float16_attention_compiles_on_jax_cpu():
+@pytest.mark.xdist_group(JAX_GROUP)
+def test_float16_attention_compiles_on_jax_cpu(jax_results):  # noqa: F811
     """mixed_float16 on JAX's CPU backend: jit-compiled float16 attention must run
     (jax.nn's fused attention does not compile there) and match a float64 softmax
-    attention to float16 rounding."""
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    assert run_child(JAX_FLOAT16_ATTENTION, env).strip().endswith("ok")
+    attention to float16 rounding, causal and not."""
+    errors = task_result(jax_results, "float16_attention")
+    assert sorted(errors) == ["False", "True"], errors
+    for dtype, error in errors.values():
+        assert dtype == "float16" and error < 4e-3, errors
 
 
 BORROW_CHECK = """

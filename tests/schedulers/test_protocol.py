@@ -7,19 +7,15 @@ al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", eq. 12 w
 two terms). The test compares the sampler's compiled loop with a plain numpy loop of
 the same update around the same UNet.
 
-Run as a script (`python test_protocol.py`) it does the comparison on the backend
-in KERAS_BACKEND and prints the error as JSON; the JAX test uses that.
+The JAX test reads `compare()` as run in the session's shared JAX child
+(tests/backend_children.py).
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from keras import ops
 
+from backend_children import JAX_GROUP, jax_results, task_result  # noqa: F401
 from keras_sd import DDIMScheduler, StableDiffusion
 from keras_sd.schedulers.base import take_step_constant
 
@@ -104,13 +100,10 @@ def test_multistep_state_runs_in_the_compiled_loop(jit_compile):
     check(compare(jit_compile))
 
 
-def test_multistep_state_runs_in_the_compiled_loop_on_jax():
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    check(json.loads(run.stdout.strip().splitlines()[-1]))
+@pytest.mark.xdist_group(JAX_GROUP)
+def test_multistep_state_runs_in_the_compiled_loop_on_jax(jax_results):  # noqa: F811
+    assert jax_results["backend"] == "jax"
+    check(task_result(jax_results, "protocol"))
 
 
 def test_own_parameter_is_part_of_the_program_key():
@@ -137,7 +130,3 @@ def test_get_config_refuses_an_unstored_argument():
 
     with pytest.raises(TypeError, match="strength_of_thing"):
         Forgetful().get_config()
-
-
-if __name__ == "__main__":
-    print(json.dumps(compare()))

@@ -1,20 +1,16 @@
 """TextualInversionTrainer: only the new rows train (TF, JAX, PyTorch; float32, mixed_float16,
 mixed_bfloat16), the rows start from the initializer, multi-vector prompts, the dataset.
 
-Run as a script (`python test_textual_inversion.py POLICY`) it trains on the current
-backend and prints the comparison as JSON; the JAX and PyTorch tests run it in a child.
+The JAX test reads `train_and_compare("float32")` as run in the session's shared JAX
+child (tests/backend_children.py).
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 from PIL import Image
 
+from backend_children import JAX_GROUP, jax_results, task_result  # noqa: F401
 from keras_sd import StableDiffusion
 from keras_sd.training import TextualInversionTrainer, textual_inversion_dataset
 
@@ -96,14 +92,10 @@ def test_only_the_new_rows_change_in_mixed_precision(policy):
     check_result(train_and_compare(policy, run_eagerly=True), policy)
 
 
-@pytest.mark.parametrize("backend", ["jax"])
-def test_only_the_new_rows_change_on_backend(backend):
-    env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run(
-        [sys.executable, __file__, "float32"], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    check_result(json.loads(run.stdout.strip().splitlines()[-1]), "float32")
+@pytest.mark.xdist_group(JAX_GROUP)
+def test_only_the_new_rows_change_on_jax(jax_results):  # noqa: F811
+    assert jax_results["backend"] == "jax"
+    check_result(task_result(jax_results, "textual_inversion"), "float32")
 
 
 def test_new_rows_start_from_the_initializer_and_read_like_the_table():
@@ -186,10 +178,6 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         textual_inversion_dataset(random_images(), "<other>", sd.tokenizer, size=32)
     with pytest.raises(ValueError, match="crop"):
         textual_inversion_dataset(random_images(), "zzkyrq", sd.tokenizer, crop="middle")
-
-
-if __name__ == "__main__":
-    print(json.dumps(train_and_compare(sys.argv[1])))
 
 
 def test_cli_train_ti_then_generate_with_the_embedding(tmp_path, capsys):

@@ -1,0 +1,168 @@
+"""One JAX child process for the whole test session, shared by the test files that
+repeat their checks on JAX.
+
+A Keras process has one backend, so the JAX checks run in a child. Starting one
+(JAX, keras-sd, and for the diffusers comparison torch and diffusers) costs seconds
+each time, and JAX's eager primitives compile once a process, so the checks of
+test_backends, test_protocol, test_construction and test_textual_inversion run in
+one child: the session fixture `jax_results` runs every task and each test asserts
+its own values from `task_result(jax_results, name)`. The tests that use it share
+the xdist group JAX_GROUP, so one worker runs the child once.
+
+Run as a script (`python backend_children.py TASK...`) it runs the named tasks on
+the backend in KERAS_BACKEND and prints {task: {"result": ...} or {"error": ...}}
+as JSON on its last line.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+JAX_GROUP = "jax-child"  # the xdist group of the tests that read the JAX child's results
+JAX_ENV = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+
+# tests/test_construction.py tests repeated on JAX: its gather clamps an out-of-range
+# token id instead of raising, and a stale compiled program would keep a replaced part.
+CONSTRUCTION_TESTS = (
+    "test_assigned_unet_is_used_on_the_next_call",
+    "test_assigned_encoder_or_decoder_is_used_on_the_next_call",
+    "test_assigned_scheduler_is_used_on_the_next_call",
+    "test_added_token_without_embedding_row_is_refused",
+)
+
+FLOAT16_ATTENTION = """
+import jax, numpy as np
+from keras_sd.models.attention import dot_product_attention
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((2, 7, 3, 8)).astype("float16") for _ in range(3))
+errors = {}
+for causal in (False, True):
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal))(q, k, v)
+    x = [a.astype("float64").transpose(0, 2, 1, 3) for a in (q, k, v)]
+    logits = x[0] @ x[1].transpose(0, 1, 3, 2) / np.sqrt(8)
+    if causal:
+        logits = np.where(np.triu(np.ones((7, 7), bool), 1), -np.inf, logits)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = ((p / p.sum(-1, keepdims=True)) @ x[2]).transpose(0, 2, 1, 3)
+    errors[str(causal)] = [str(out.dtype), float(np.abs(np.asarray(out, "float64") - ref).max())]
+result = errors
+"""
+
+
+def _load(relative_path: str):
+    """Import a test module by path under a name of its own (test files share no package)."""
+    path = os.path.join(TESTS, relative_path)
+    name = "child_" + relative_path.replace(os.sep, "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _construction() -> dict:
+    """The construction tests through pytest in this process: outcome per test phase."""
+    outcomes = []
+
+    class Record:
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" or report.outcome != "passed":
+                outcomes.append([report.nodeid, report.when, report.outcome])
+
+    options = ["-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-o", "addopts="]
+    target = os.path.join(TESTS, "test_construction.py")
+    status = pytest.main(
+        [*options, target, "-k", " or ".join(CONSTRUCTION_TESTS)], plugins=[Record()]
+    )
+    return {"status": int(status), "outcomes": outcomes}
+
+
+def _float16_attention() -> dict:
+    scope = {}
+    exec(FLOAT16_ATTENTION, scope)
+    return scope["result"]
+
+
+def _pipeline() -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        return _load("test_pipeline.py").run_comparison(folder)
+
+
+TASKS = {
+    # pytest first: it imports tests/conftest.py before anything else has.
+    "construction": _construction,
+    "float16_attention": _float16_attention,
+    "protocol": lambda: _load(os.path.join("schedulers", "test_protocol.py")).compare(),
+    "textual_inversion": lambda: _load(
+        os.path.join("training", "test_textual_inversion.py")
+    ).train_and_compare("float32"),
+    "pipeline": _pipeline,
+}
+
+
+def run_tasks(names) -> dict:
+    """Run each named task, seeded like a test; a task's failure is recorded, not raised."""
+    import keras
+    import numpy as np
+
+    results = {}
+    for name in names:
+        keras.utils.set_random_seed(0)
+        np.random.seed(0)
+        try:
+            results[name] = {"result": TASKS[name]()}
+        except Exception:  # noqa: BLE001 - the test that reads this task reports it
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
+def run_child(env: dict, names, timeout: int = 1500) -> dict:
+    """Run `names` in a fresh process with `env` added; the results by task."""
+    run = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *names],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def task_result(results: dict, name: str):
+    """The value task `name` returned in the child; fails with its traceback if it raised."""
+    outcome = results[name]
+    assert "error" not in outcome, f"{name} failed in the child:\n{outcome.get('error')}"
+    return outcome["result"]
+
+
+@functools.cache
+def _jax_child() -> dict:
+    return run_child(JAX_ENV, list(TASKS))
+
+
+@pytest.fixture(scope="session")
+def jax_results() -> dict:
+    """Every task's result from one KERAS_BACKEND=jax child, run at first use, and the
+    backend the child ran on under "backend"."""
+    # Each test module that imports this fixture gets a definition of its own, so the
+    # child's results are kept here, once a process.
+    return _jax_child()
+
+
+if __name__ == "__main__":
+    import keras
+
+    sys.path.insert(0, TESTS)
+    outcome = run_tasks(sys.argv[1:])
+    outcome["backend"] = keras.backend.backend()
+    print(json.dumps(outcome))
