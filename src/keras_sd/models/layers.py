@@ -16,7 +16,7 @@ import keras
 from keras import layers, ops
 
 from keras_sd import backend
-from keras_sd.models.conv import Conv3x3
+from keras_sd.models.conv import Conv3x3, upsample_by_phases, upsample_conv3x3
 
 
 def spatial_shape(channels: int) -> tuple:
@@ -200,6 +200,9 @@ class Downsample2D(layers.Layer):
 class Upsample2D(layers.Layer):
     """Nearest-neighbour x2 upsampling followed by a 3x3 convolution `conv`.
 
+    Where `keras_sd.models.conv.upsample_by_phases` says so, both are computed from the
+    input at once by `keras_sd.models.conv.upsample_conv3x3` (same result up to rounding).
+
     Returns:
         `[B, H, W, C]` -> `[B, 2H, 2W, C]`.
 
@@ -213,6 +216,9 @@ class Upsample2D(layers.Layer):
         self.conv.build(input_shape)
 
     def call(self, x):
+        if upsample_by_phases(x, self.compute_dtype):
+            kernel = ops.cast(self.conv.kernel, x.dtype)
+            return upsample_conv3x3(x, kernel) + ops.cast(self.conv.bias, x.dtype)
         b, h, w, c = ops.shape(x)
         # One broadcast + reshape copies the tensor once (two `repeat`s copy it twice).
         x = ops.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
