@@ -1,5 +1,5 @@
-"""Winograd F(2x2, 3x3) and GEMM ("im2col") 3x3 convolutions: exact up to rounding, and
-used only where chosen."""
+"""Winograd F(2x2, 3x3) and GEMM ("im2col") 3x3 convolutions, and upsampling convolutions
+by phases: exact up to rounding, and used only where chosen."""
 
 import keras
 import numpy as np
@@ -8,7 +8,15 @@ import torch
 
 from keras_sd import backend
 from keras_sd.models import conv
-from keras_sd.models.conv import Conv3x3, gemm_conv3x3, set_conv_algorithm, winograd_conv3x3
+from keras_sd.models import layers as model_layers
+from keras_sd.models.conv import (
+    Conv3x3,
+    gemm_conv3x3,
+    set_conv_algorithm,
+    upsample_conv3x3,
+    winograd_conv3x3,
+)
+from keras_sd.models.layers import Upsample2D
 
 BACKEND = keras.backend.backend()
 
@@ -191,3 +199,54 @@ def test_auto_uses_gemm_only_outside_xla_on_cpus(case, algorithm, gemm_calls, mo
     out, (kernel, bias) = run_layer(x, jit=jit)
     assert gemm_calls == []
     np.testing.assert_allclose(out, torch_conv3x3(x, kernel, bias), atol=1e-4)
+
+
+def nearest_up(x):
+    return np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+
+
+@pytest.mark.parametrize("shape, cout", [((1, 1, 1, 2), 3), ((2, 3, 5, 4), 6), ((1, 8, 6, 16), 8)])
+def test_upsample_by_phases_matches_torch(shape, cout):
+    x, kernel = random(shape, 0), random((3, 3, shape[-1], cout), 1)
+    out = keras.ops.convert_to_numpy(upsample_conv3x3(x, kernel))
+    np.testing.assert_allclose(out, torch_conv3x3(nearest_up(x), kernel), atol=1e-4)
+
+
+def run_upsample(x, dtype, jit):
+    layer = Upsample2D(dtype=dtype)
+    layer.build(x.shape)
+    keras.utils.set_random_seed(4)
+    layer.conv.bias.assign(keras.random.normal(layer.conv.bias.shape))
+    state = backend.model_state(layer)
+    call = backend.compile_function(backend.stateless(layer), jit)
+    out = call(state, keras.ops.cast(x, layer.compute_dtype))
+    weights = [keras.ops.convert_to_numpy(v).astype(np.float32) for v in layer.conv.weights]
+    return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")), weights
+
+
+@pytest.mark.parametrize(
+    "dtype, rows, jit, chosen",
+    [
+        ("mixed_bfloat16", 64, False, True),  # 2 x 4 x 8 positions: at the bound
+        ("bfloat16", 64, False, True),
+        ("mixed_bfloat16", 65, False, False),  # one position short
+        ("float32", 64, False, False),  # float32 keeps its results
+        ("mixed_bfloat16", 64, True, False),  # XLA fuses the upsampling itself
+    ],
+)
+def test_upsample_by_phases_where_auto_chooses(dtype, rows, jit, chosen, algorithm, monkeypatch):
+    if BACKEND == "jax" and jit is False:
+        pytest.skip("JAX has no compiled mode other than XLA")
+    monkeypatch.setattr(conv, "PHASE_UPSAMPLE_MIN_ROWS", rows)
+    calls = []
+    spy = lambda *args: calls.append(1) or upsample_conv3x3(*args)  # noqa: E731
+    monkeypatch.setattr(model_layers, "upsample_conv3x3", spy)
+    x = random((2, 4, 8, 16), 2)
+    out, (kernel, bias) = run_upsample(x, dtype, jit)
+    assert len(calls) == (1 if chosen and BACKEND == "tensorflow" else 0)
+    low = keras.ops.cast(x, "float32" if dtype == "float32" else "bfloat16")
+    rounded = keras.ops.convert_to_numpy(keras.ops.cast(low, "float32"))
+    expected = torch_conv3x3(nearest_up(rounded), kernel, bias)
+    # bfloat16 inputs and products, float32 sums: about 2**-8 of the output's size.
+    tolerance = 1e-4 if dtype == "float32" else 0.02 * np.abs(expected).max()
+    np.testing.assert_allclose(out, expected, atol=tolerance)

@@ -20,6 +20,7 @@ from keras_sd.models.layers import (
     ResnetBlock,
     TimestepEmbedding,
     Upsample2D,
+    geglu,
     timestep_embedding,
 )
 from keras_sd.models.transformer import Attention, BasicTransformerBlock, Transformer2D
@@ -289,3 +290,28 @@ def test_group_norm_fused_path_has_the_plain_gradients(monkeypatch):
     for got, want in zip(*grads, strict=True):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
     assert float(tf.reduce_max(tf.abs(grads[0][0]))) > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_geglu_rounds_once_in_low_precision(dtype):
+    """value * gelu(gate) for low-precision inputs is the float64 result of those very
+    inputs, rounded once to the dtype (half an ulp), as diffusers' exact GELU gives it."""
+    rng = np.random.default_rng(0)
+    value, gate = (keras.ops.cast(rng.standard_normal((4, 64, 96)) * 3, dtype) for _ in "vg")
+    out = geglu(value, gate)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    v = keras.ops.convert_to_numpy(keras.ops.cast(value, "float32")).astype("float64")
+    g = keras.ops.convert_to_numpy(keras.ops.cast(gate, "float32")).astype("float64")
+    expected = v * torch.nn.functional.gelu(torch.from_numpy(g)).numpy()
+    got = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")).astype("float64")
+    half_ulp = 2.0 ** -{"bfloat16": 8, "float16": 11}[dtype]
+    # float32 arithmetic inside adds about 1e-6 relative before the final rounding, and
+    # 1 + erf loses digits where gelu is near 0: an absolute 1e-6 of the inputs' scale.
+    assert np.all(np.abs(got - expected) <= (half_ulp + 1e-5) * np.abs(expected) + 1e-5)
+
+
+def test_geglu_float32_is_keras_exact_gelu():
+    rng = np.random.default_rng(1)
+    value, gate = (rng.standard_normal((2, 8, 16)).astype("float32") for _ in "vg")
+    expected = value * keras.ops.convert_to_numpy(keras.ops.gelu(gate, approximate=False))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(geglu(value, gate)), expected)

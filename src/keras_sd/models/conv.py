@@ -23,8 +23,15 @@ WINOGRAD_MIN_TILES = 256
 # TensorFlow's own CPU convolution (oneDNN) is slowest: kernels of many megabytes applied
 # to few output positions. A call takes it when its rows (batch x H x W) are at most and
 # its kernel's bytes in the compute dtype at least either (rows, bytes) pair below, the
-# bounds of where it beats `tf.nn.conv2d`; see benchmarks/RESULTS.md.
-GEMM_RULES = ((512, 40e6), (64, 16e6))
+# bounds of where it beats `tf.nn.conv2d` (whose kernel is re-laid out on every call);
+# see benchmarks/RESULTS.md.
+GEMM_RULES = ((512, 40e6), (128, 14e6))
+
+# `Upsample2D` computes its nearest x2 upsampling and 3x3 convolution from the input by
+# `upsample_conv3x3` (16 products per 2x2 output block instead of 36) on a TensorFlow CPU
+# outside XLA, in low precision, for inputs of at least this many positions (batch x H x W):
+# its four kernels are re-laid out per call, which only large inputs repay.
+PHASE_UPSAMPLE_MIN_ROWS = 1024
 
 
 def set_conv_algorithm(algorithm: str) -> str:
@@ -158,6 +165,79 @@ def gemm_conv3x3(x, kernel):
     patches = ops.concatenate([xp[:, a : a + h, b : b + w] for a in range(3) for b in range(3)], -1)
     out = ops.matmul(ops.reshape(patches, (-1, 9 * cin)), ops.reshape(kernel, (9 * cin, cout)))
     return ops.reshape(out, (-1, h, w, cout))
+
+
+def _taps(k0, k1, k2, odd: int):
+    """The two taps a 3x3 kernel's three taps become along one axis after nearest x2
+    upsampling: even outputs read input offsets (-1, 0), odd ones (0, +1)."""
+    return (k0 + k1, k2) if odd else (k0, k1 + k2)
+
+
+def upsample_conv3x3(x, kernel):
+    """Nearest-neighbour x2 upsampling followed by a 3x3, stride-1, "same" convolution,
+    computed at the input's resolution.
+
+    Each of the four output phases (even or odd row and column) sees a 2x2 input
+    neighbourhood, through a 2x2 kernel made of sums of the 3x3 kernel's taps (summed in
+    float32, rounded once), so the work is four 2x2 convolutions of the input instead
+    of one 3x3 convolution of the 4x larger upsampled tensor: 16 products per output
+    block instead of 36, and no upsampled copy. Equals the two steps up to float
+    rounding.
+
+    Args:
+        x: `[B, H, W, Cin]` with static H and W.
+        kernel: `[3, 3, Cin, Cout]`.
+
+    Returns:
+        `[B, 2H, 2W, Cout]`.
+
+    Example:
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).standard_normal((1, 3, 4, 2)).astype("float32")
+    >>> k = np.random.default_rng(1).standard_normal((3, 3, 2, 5)).astype("float32")
+    >>> up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    >>> direct = keras.ops.conv(up, k, padding="same")
+    >>> float(keras.ops.max(keras.ops.abs(upsample_conv3x3(x, k) - direct))) < 1e-4
+    True
+    """
+    _, h, w, _ = x.shape
+    cout = kernel.shape[-1]
+    if h is None or w is None:
+        raise ValueError(
+            f"upsample_conv3x3: x must have static height and width; received shape "
+            f"{tuple(x.shape)}."
+        )
+    xp = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    k = ops.cast(kernel, "float32")
+    rows = []
+    for a in range(2):
+        columns = []
+        for b in range(2):
+            k2x2 = [ops.stack(_taps(r[0], r[1], r[2], b)) for r in _taps(k[0], k[1], k[2], a)]
+            window = xp[:, a : a + h + 1, b : b + w + 1]
+            columns.append(ops.conv(window, ops.cast(ops.stack(k2x2), x.dtype), padding="valid"))
+        rows.append(ops.stack(columns, axis=3))  # [B, H, W, 2, Cout]
+    return ops.reshape(ops.stack(rows, axis=2), (-1, 2 * h, 2 * w, cout))  # [B, H, 2, W, 2, C]
+
+
+def upsample_by_phases(x, compute_dtype) -> bool:
+    """Whether `Upsample2D` computes input `x` by `upsample_conv3x3` ("auto" only; see
+    `PHASE_UPSAMPLE_MIN_ROWS`).
+
+    Example:
+    >>> upsample_by_phases(keras.ops.ones((1, 4, 4, 8)), "bfloat16")
+    False
+    """
+    n, h, w, _ = x.shape
+    return (
+        _conv_algorithm["value"] == "auto"
+        and keras.backend.backend() == "tensorflow"
+        and keras.backend.standardize_dtype(compute_dtype) != "float32"
+        and None not in (n, h, w)
+        and n * h * w >= PHASE_UPSAMPLE_MIN_ROWS
+        and not backend.tracing_for_xla()
+        and not backend.has_accelerator()
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_sd")

@@ -1,5 +1,5 @@
 """Convolutional building blocks shared by the UNet and the VAE: GroupNorm, the residual
-block, down- and upsampling, and the timestep embedding.
+block, down- and upsampling, and the timestep embedding; and the transformer's GEGLU.
 
 Every layer is channels-last and names its sublayers after the matching
 diffusers module (`norm1`, `conv1`, `time_emb_proj`, ...), so
@@ -16,7 +16,7 @@ import keras
 from keras import layers, ops
 
 from keras_sd import backend
-from keras_sd.models.conv import Conv3x3
+from keras_sd.models.conv import Conv3x3, upsample_by_phases, upsample_conv3x3
 
 
 def spatial_shape(channels: int) -> tuple:
@@ -200,6 +200,9 @@ class Downsample2D(layers.Layer):
 class Upsample2D(layers.Layer):
     """Nearest-neighbour x2 upsampling followed by a 3x3 convolution `conv`.
 
+    Where `keras_sd.models.conv.upsample_by_phases` says so, both are computed from the
+    input at once by `keras_sd.models.conv.upsample_conv3x3` (same result up to rounding).
+
     Returns:
         `[B, H, W, C]` -> `[B, 2H, 2W, C]`.
 
@@ -213,6 +216,9 @@ class Upsample2D(layers.Layer):
         self.conv.build(input_shape)
 
     def call(self, x):
+        if upsample_by_phases(x, self.compute_dtype):
+            kernel = ops.cast(self.conv.kernel, x.dtype)
+            return upsample_conv3x3(x, kernel) + ops.cast(self.conv.bias, x.dtype)
         b, h, w, c = ops.shape(x)
         # One broadcast + reshape copies the tensor once (two `repeat`s copy it twice).
         x = ops.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
@@ -276,3 +282,30 @@ class TimestepEmbedding(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim}
+
+
+def geglu(value, gate):
+    """The gated GELU of SD's transformer feed-forward: `value * gelu(gate)`, GELU exact
+    (the erf form, as diffusers' `GEGLU`).
+
+    Low-precision inputs are multiplied out in float32 and rounded once: the erf of a
+    bfloat16/float16 tensor has no fast CPU kernel in TensorFlow (it is evaluated
+    element by element through float), and one float32 pass is both faster there and
+    closer to the float32 result. float32 inputs keep `keras.ops.gelu` exactly.
+
+    Args:
+        value, gate: tensors of one shape and dtype (the two halves of the projection).
+
+    Returns:
+        A tensor of that shape and dtype.
+
+    Example:
+    >>> x = keras.ops.convert_to_tensor([[-1.0, 0.0, 2.0]])
+    >>> [round(float(v), 4) for v in geglu(x, x)[0]]
+    [0.1587, 0.0, 3.909]
+    """
+    if keras.backend.standardize_dtype(gate.dtype) == "float32":
+        return value * ops.gelu(gate, approximate=False)
+    gate = ops.cast(gate, "float32")
+    gelu = gate * 0.5 * (1.0 + ops.erf(gate * math.sqrt(0.5)))
+    return ops.cast(ops.cast(value, "float32") * gelu, value.dtype)

@@ -10,7 +10,7 @@ import keras
 from keras import layers, ops
 
 from keras_sd.models.attention import dot_product_attention
-from keras_sd.models.layers import GroupNorm, spatial_shape
+from keras_sd.models.layers import GroupNorm, geglu, spatial_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_sd")
@@ -161,7 +161,7 @@ class BasicTransformerBlock(layers.Layer):
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         value, gate = ops.split(self.ff_proj(self.norm3(x)), 2, axis=-1)  # GEGLU
-        return x + self.ff_out(value * ops.gelu(gate, approximate=False))
+        return x + self.ff_out(geglu(value, gate))
 
     def get_config(self):
         return {
