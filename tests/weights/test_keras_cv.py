@@ -9,16 +9,14 @@ give the KerasCV models the reference GELU and epsilon, so that what is measured
 is the weight mapping; the VAE tests measure both ways.
 """
 
-import contextlib
 import gc
-from functools import partial
 from types import SimpleNamespace
 
 import keras
 import numpy as np
 import pytest
 
-from conftest import FULL_SIZE, max_abs_normalized_error, random_keras_cv_models
+from conftest import FULL_SIZE, max_abs_normalized_error
 
 pytest.importorskip("keras_cv")
 # Full-size models: these run on the same xdist worker as the slow tests (conftest.py).
@@ -42,7 +40,6 @@ from keras_sd import StableDiffusion  # noqa: E402
 from keras_sd.models import clip_text, unet, vae  # noqa: E402
 from keras_sd.tokenizer import CLIPTokenizer  # noqa: E402
 from keras_sd.weights.keras_cv import (  # noqa: E402
-    COMPONENTS,
     load_keras_cv_weights,
     match_keras_cv,
     read_keras_cv_h5,
@@ -202,52 +199,27 @@ class KerasCVUser(StableDiffusion):
     """A user's subclass: loading must return it, not the base class."""
 
 
-def _keras_cv_sd2():
-    """KerasCV's SD 2.x pipeline with seeded random components at 64 px (rounded to 128
-    in its image size, as KerasCV does)."""
-    import keras_cv
-
-    size = 64
-    components = random_keras_cv_models(
-        {
-            "text_encoder": lambda: kcv_text.TextEncoderV2(77, download_weights=False),
-            "diffusion_model": lambda: kcv_unet.DiffusionModelV2(
-                size, size, 77, download_weights=False
-            ),
-            "decoder": lambda: kcv_decoder.Decoder(size, size, download_weights=False),
-            "image_encoder": lambda: kcv_encoder.ImageEncoder(download_weights=False),
-        },
-        std=0.02,
-    )
-    sd = keras_cv.models.StableDiffusionV2(img_width=128, img_height=128)
-    for component, model in components.items():  # what KerasCV builds lazily, prebuilt
-        setattr(sd, f"_{component}", model)
-    return sd
-
-
-@contextlib.contextmanager
-def _reference_epsilon_and_gelu(models: dict, monkeypatch, v2: bool):
-    """The reference SD's VAE epsilon and exact GELU in KerasCV's models while the block
-    runs, so that only the weight mapping differs (the epsilons are set back after:
-    the SD 1.x models are shared with other tests)."""
-    norms = [
-        layer
-        for name in ("decoder", "image_encoder")
-        for layer in models[name]._flatten_layers()
-        if isinstance(layer, keras.layers.GroupNormalization)
-    ]
-    epsilons = [norm.epsilon for norm in norms]
-    monkeypatch.setattr(kcv_unet.GEGLU, "call", _exact_gelu_geglu)
-    for layer in models["text_encoder"]._flatten_layers():  # OpenCLIP's GELU is exact
+def _kcv_components(version: str) -> dict:
+    v2 = version == "sd2"
+    text = kcv_text.TextEncoderV2 if v2 else kcv_text.TextEncoder
+    unet_cls = kcv_unet.DiffusionModelV2 if v2 else kcv_unet.DiffusionModel
+    models = {
+        "text_encoder": text(77, download_weights=False),
+        "diffusion_model": unet_cls(64, 64, 77, download_weights=False),
+        "decoder": kcv_decoder.Decoder(64, 64, download_weights=False),
+        "image_encoder": kcv_encoder.ImageEncoder(download_weights=False),
+    }
+    for seed, model in enumerate(models.values()):
+        _randomize(model, seed=seed, std=0.02)
+    # The reference SD's VAE epsilon and OpenCLIP's exact GELU, so only the mapping differs.
+    for name in ("decoder", "image_encoder"):
+        for layer in models[name]._flatten_layers():
+            if isinstance(layer, keras.layers.GroupNormalization):
+                layer.epsilon = 1e-6
+    for layer in models["text_encoder"]._flatten_layers():
         if v2 and isinstance(layer, kcv_text.CLIPEncoderLayer):
-            monkeypatch.setattr(layer, "activation", partial(keras.ops.gelu, approximate=False))
-    try:
-        for norm in norms:
-            norm.epsilon = 1e-6
-        yield
-    finally:
-        for norm, epsilon in zip(norms, epsilons, strict=True):
-            norm.epsilon = epsilon
+            layer.activation = lambda x: keras.ops.gelu(x, approximate=False)
+    return models
 
 
 def _all_errors(sd, expected, inputs) -> dict:
@@ -257,36 +229,43 @@ def _all_errors(sd, expected, inputs) -> dict:
     }
 
 
-def _check_full_model(version: str, kcv_sd, tmp_path, monkeypatch) -> None:
-    """`from_keras_cv` and the legacy .h5 files of a full KerasCV model give its outputs.
-
-    `kcv_sd` is a zero-argument function returning the KerasCV model: this function
-    holds it alone, so that a model built for this test is dropped after conversion.
-    """
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_full_keras_cv_model_converts_and_h5_files_load(tmp_path, monkeypatch, version):
     import h5py
+    import keras_cv
 
-    kcv_sd = kcv_sd()
-    kcv_models = {c: getattr(kcv_sd, f"_{c}") for c in COMPONENTS}
+    kcv_models = _kcv_components(version)
     context_dim = unet.SD2_CONFIG if version == "sd2" else unet.SD1_CONFIG
     inputs = _inputs(
         context_dim["cross_attention_dim"], "!" if version == "sd2" else "<|endoftext|>"
     )
-    with _reference_epsilon_and_gelu(kcv_models, monkeypatch, version == "sd2"):
-        expected = {c: np.asarray(_outputs(c, m, True, inputs)) for c, m in kcv_models.items()}
+    monkeypatch.setattr(kcv_unet.GEGLU, "call", _exact_gelu_geglu)
+    expected = {c: np.asarray(_outputs(c, m, True, inputs)) for c, m in kcv_models.items()}
     paths = []
     for component, model in kcv_models.items():
         paths.append(tmp_path / f"{component}.h5")
         with h5py.File(paths[-1], "w") as f:
             legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
+    pipeline_cls = (
+        keras_cv.models.StableDiffusionV2 if version == "sd2" else keras_cv.models.StableDiffusion
+    )
+    kcv_sd = pipeline_cls(img_width=128, img_height=128)  # KerasCV rounds sizes to 128
+    for component, model in kcv_models.items():  # what KerasCV builds lazily, prebuilt
+        setattr(kcv_sd, f"_{component}", model)
     converted = KerasCVUser.from_keras_cv(kcv_sd)
     assert type(converted) is KerasCVUser  # subclasses load as themselves
-    size = (kcv_sd.img_width, kcv_sd.img_height)
     del kcv_sd, kcv_models
     gc.collect()
-    errors = _all_errors(converted, expected, inputs)
+    errors = {
+        c: max_abs_normalized_error(
+            np.asarray(_outputs(c, getattr(converted, c), False, inputs)), e
+        )
+        for c, e in expected.items()
+    }
     print(f"{version} from_keras_cv: {errors}")
-    assert (converted.img_width, converted.img_height) == size
+    assert (converted.img_width, converted.img_height) == (128, 128)
     assert converted.scheduler.prediction_type == "epsilon"
     del converted
     gc.collect()
@@ -302,14 +281,3 @@ def _check_full_model(version: str, kcv_sd, tmp_path, monkeypatch) -> None:
     print(f"{version} h5 files: {h5_errors}")
     for found in (errors, h5_errors):
         assert max(found.values()) < TOLERANCE, found
-
-
-@pytest.mark.slow
-def test_full_keras_cv_sd1_converts_and_h5_files_load(keras_cv_sd1, tmp_path, monkeypatch):
-    """On the KerasCV SD 1.x models the comparison tests share (conftest.py)."""
-    _check_full_model("sd1", lambda: keras_cv_sd1, tmp_path, monkeypatch)
-
-
-@pytest.mark.slow
-def test_full_keras_cv_sd2_converts_and_h5_files_load(tmp_path, monkeypatch):
-    _check_full_model("sd2", _keras_cv_sd2, tmp_path, monkeypatch)
