@@ -115,16 +115,37 @@ def tensorflow_buffer_address(value) -> int:
 
 FULL_SIZE = "full-size"  # the xdist group of the tests that build full-size models
 KERAS_CV_SIZE = 64  # pixels; KerasCV's UNet and decoder are built for one image size
-KERAS_CV_FIXTURES = frozenset({"keras_cv_sd1", "keras_cv_drop_in"})
-_keras_cv_built = {}  # what the KerasCV fixtures built, kept while the tests that use them run
+# What each KerasCV fixture builds, kept while the tests in a row that use it run.
+_keras_cv_built = {}
+_KERAS_CV_FIXTURES = {"keras_cv_drop_in": "drop_in", "keras_cv_sd1": "sd1"}
 
 
-def randomize_keras_model(model, seed: int, std: float = 0.05) -> None:
-    """Seeded random values in every weight of a Keras model (norm scales near one)."""
-    rng = np.random.default_rng(seed)
-    for weight in model.weights:
-        noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
-        weight.assign(1.0 + noise if weight.path.endswith("gamma") else noise)
+def random_keras_cv_models(builders: dict, std: float) -> dict:
+    """KerasCV models from zero-argument `builders`, with seeded random weights (the
+    n-th model's from seed n; norm scales near one).
+
+    The models are built without running their initializers (`keras.StatelessScope`),
+    and each variable is created from its random values: at full size this saves the
+    initial values' time and the memory their copies leave fragmented.
+    """
+    import keras
+
+    from keras_sd.weights import deferred
+
+    with keras.StatelessScope(initialize_variables=False):
+        models = {name: build() for name, build in builders.items()}
+    pairs = []
+    for seed, model in enumerate(models.values()):
+        rng = np.random.default_rng(seed)
+
+        def value(weight, rng=rng):
+            noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
+            return 1.0 + noise if weight.path.endswith("gamma") else noise
+
+        # initialize_deferred calls these in order, so each model's draws are sequential.
+        pairs += [(weight, lambda w=weight, value=value: value(w)) for weight in model.weights]
+    deferred.initialize_deferred(models.values(), pairs)
+    return models
 
 
 def bundled_vocab_path() -> str:
@@ -136,20 +157,41 @@ def bundled_vocab_path() -> str:
     )
 
 
-def _uses_keras_cv(item) -> bool:
-    return item is not None and bool(KERAS_CV_FIXTURES & set(getattr(item, "fixturenames", ())))
+def _keras_cv_uses(item) -> set:
+    """Which KerasCV fixtures' models (`_keras_cv_built` keys) a test uses."""
+    names = set(getattr(item, "fixturenames", ())) if item is not None else set()
+    return {key for fixture, key in _KERAS_CV_FIXTURES.items() if fixture in names}
+
+
+def keras_cv_sd1_components() -> dict:
+    """Builders of KerasCV's four SD 1.x components at KERAS_CV_SIZE pixels."""
+    from keras_cv.src.models.stable_diffusion import (
+        decoder,
+        diffusion_model,
+        image_encoder,
+        text_encoder,
+    )
+
+    size = KERAS_CV_SIZE
+    return {
+        "text_encoder": lambda: text_encoder.TextEncoder(77, download_weights=False),
+        "diffusion_model": lambda: diffusion_model.DiffusionModel(
+            size, size, 77, download_weights=False
+        ),
+        "decoder": lambda: decoder.Decoder(size, size, download_weights=False),
+        "image_encoder": lambda: image_encoder.ImageEncoder(download_weights=False),
+    }
 
 
 @pytest.fixture
 def keras_cv_sd1():
     """KerasCV's own SD 1.x pipeline (`keras_cv.models.StableDiffusion`) on seeded random
-    weights, at KERAS_CV_SIZE pixels, with its four components built.
+    weights (std 0.02), at KERAS_CV_SIZE pixels, with its four components built.
 
-    KerasCV's components are full size (about 190 s and 8 GB to build on the 2-core
-    machine), so they are built once and shared by every test that asks for them; the
-    collection hook runs those tests one after another and the teardown hook drops the
-    models after the last one. The tokenizer reads keras-sd's bundled CLIP vocabulary
-    (KerasCV's would download it).
+    KerasCV's components are full size (4.3 GB of weights), so they are built once and
+    shared by every test that asks for them; the collection hook runs those tests one
+    after another and the teardown hook drops the models after the last one. The
+    tokenizer reads keras-sd's bundled CLIP vocabulary (KerasCV's would download it).
     """
     if "sd1" not in _keras_cv_built:
         _keras_cv_built["sd1"] = _build_keras_cv_sd1()
@@ -158,29 +200,15 @@ def keras_cv_sd1():
 
 def _build_keras_cv_sd1():
     import keras_cv
-    from keras_cv.src.models.stable_diffusion import (
-        clip_tokenizer,
-        decoder,
-        diffusion_model,
-        image_encoder,
-        text_encoder,
-    )
+    from keras_cv.src.models.stable_diffusion import clip_tokenizer
 
-    size = KERAS_CV_SIZE
-    components = {
-        "text_encoder": text_encoder.TextEncoder(77, download_weights=False),
-        "diffusion_model": diffusion_model.DiffusionModel(size, size, 77, download_weights=False),
-        "decoder": decoder.Decoder(size, size, download_weights=False),
-        "image_encoder": image_encoder.ImageEncoder(download_weights=False),
-    }
-    for seed, model in enumerate(components.values()):
-        randomize_keras_model(model, seed=seed, std=0.02)
+    components = random_keras_cv_models(keras_cv_sd1_components(), std=0.02)
     # KerasCV rounds sizes to 128 px (64 to 0): built at 128, then set to the models' size.
     sd = keras_cv.models.StableDiffusion(img_height=128, img_width=128, jit_compile=False)
     for name, model in components.items():  # what KerasCV builds lazily, prebuilt
         setattr(sd, f"_{name}", model)
     sd._tokenizer = clip_tokenizer.SimpleTokenizer(bpe_path=bundled_vocab_path())
-    sd.img_height = sd.img_width = size
+    sd.img_height = sd.img_width = KERAS_CV_SIZE
     return sd
 
 
@@ -198,14 +226,31 @@ def keras_cv_drop_in(keras_cv_sd1):
     return _keras_cv_built["drop_in"]
 
 
+def release_memory() -> None:
+    """Collect Python's garbage and hand the freed heap pages back to the system.
+
+    glibc keeps freed memory of allocations under its mmap threshold (most weights of
+    a full-size model) in its arenas: without a trim, a dropped model's pages stay in
+    the worker's resident memory under the next test's models.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Drop the KerasCV models after the last test in a row that uses them."""
-    if _uses_keras_cv(item) and not _uses_keras_cv(nextitem):
-        import gc
-
-        _keras_cv_built.clear()
-        gc.collect()
+    """Drop each KerasCV fixture's models after the last test in a row that uses them."""
+    dropped = _keras_cv_uses(item) - _keras_cv_uses(nextitem)
+    for key in dropped:
+        _keras_cv_built.pop(key, None)
+    if dropped:
+        release_memory()
 
 
 def _full_size(item) -> bool:
@@ -229,8 +274,11 @@ def pytest_collection_modifyitems(config, items):
     """
     full, small = [], []
     for item in items:
-        (full if _full_size(item) or _uses_keras_cv(item) else small).append(item)
-    full.sort(key=lambda item: not _uses_keras_cv(item))  # stable: file order otherwise
+        (full if _full_size(item) or _keras_cv_uses(item) else small).append(item)
+    # Stable: file order otherwise. The drop-in's users (which also use KerasCV's models)
+    # come first, then those of KerasCV's models alone, so that each is built once and
+    # the drop-in is gone before the tests that build further models beside KerasCV's.
+    full.sort(key=lambda item: 2 - len(_keras_cv_uses(item)))
     for item in full:
         item.add_marker(pytest.mark.xdist_group(FULL_SIZE))
     for item in small:

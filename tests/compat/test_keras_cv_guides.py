@@ -19,7 +19,7 @@ import pytest
 from keras import ops
 from test_keras_cv_parity import assert_not_flat, grey_levels
 
-from conftest import FULL_SIZE, KERAS_CV_SIZE
+from conftest import FULL_SIZE, KERAS_CV_SIZE, release_memory
 
 pytest.importorskip("keras_cv")
 import keras_cv  # noqa: E402
@@ -196,14 +196,6 @@ def _fine_tune(namespace, tokenizer, text_encoder, diffusion_model, layers, vae,
 def test_fine_tuning_guide(keras_cv_sd1, keras_cv_drop_in, tmp_path):
     images = np.random.default_rng(3).uniform(-1, 1, (2, KERAS_CV_SIZE, KERAS_CV_SIZE, 3))
     images = images.astype("float32")
-    stable_diffusion = drop_in.models.stable_diffusion
-    # The guide's `TextEncoder(MAX_PROMPT_LENGTH)` downloads KerasCV's weights; the
-    # drop-in's loads KerasCV's weights file with `load_weights`, as the guide does with
-    # its fine-tuned diffusion model's.
-    path = str(tmp_path / "text_encoder.weights.h5")
-    keras_cv_sd1.text_encoder.save_weights(path)
-    text_encoder = stable_diffusion.text_encoder.TextEncoder(stable_diffusion.MAX_PROMPT_LENGTH)
-    text_encoder.load_weights(path)
     expected = _fine_tune(
         keras_cv,
         keras_cv_sd1.tokenizer,
@@ -213,6 +205,15 @@ def test_fine_tuning_guide(keras_cv_sd1, keras_cv_drop_in, tmp_path):
         keras_cv_sd1.image_encoder,
         images,
     )
+    release_memory()  # KerasCV's trainer and its traced step, before the drop-in's
+    stable_diffusion = drop_in.models.stable_diffusion
+    # The guide's `TextEncoder(MAX_PROMPT_LENGTH)` downloads KerasCV's weights; the
+    # drop-in's loads KerasCV's weights file with `load_weights`, as the guide does with
+    # its fine-tuned diffusion model's.
+    path = str(tmp_path / "text_encoder.weights.h5")
+    keras_cv_sd1.text_encoder.save_weights(path)
+    text_encoder = stable_diffusion.text_encoder.TextEncoder(stable_diffusion.MAX_PROMPT_LENGTH)
+    text_encoder.load_weights(path)
     ours = keras_cv_drop_in.diffusion_model
     unet = ours.unet
     actual = _fine_tune(

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_keras_cv_parity import grey_levels
 
-from conftest import FULL_SIZE, KERAS_CV_SIZE, bundled_vocab_path
+from conftest import FULL_SIZE, KERAS_CV_SIZE, bundled_vocab_path, release_memory
 
 pytest.importorskip("keras_cv")
 import keras_cv  # noqa: E402
@@ -234,6 +234,7 @@ def test_textual_inversion_guide(keras_cv_sd1, keras_cv_drop_in):
             runs[name] = _teach(sd, namespace, images)
         finally:
             _restore(sd, *originals)
+        release_memory()  # the run's grown text encoder, trainer and compiled programs
     kcv, ours = runs["kcv"], runs["ours"]
     assert ours["added"] == kcv["added"] == 1
     np.testing.assert_array_equal(ours["tokens"], kcv["tokens"])
