@@ -50,8 +50,11 @@ def default_compile_cache_dir() -> str:
     or versions never hands one of them another's compiled code.
 
     Example:
-    >>> default_compile_cache_dir().split(os.sep)[-3:-1]
-    ['keras-sd', 'xla']
+    >>> path = default_compile_cache_dir()
+    >>> path == os.environ.get(COMPILE_CACHE_VARIABLE, path)  # the variable, where set, wins
+    True
+    >>> os.path.isabs(path)
+    True
     """
     if os.environ.get(COMPILE_CACHE_VARIABLE):
         return os.environ[COMPILE_CACHE_VARIABLE]
