@@ -120,6 +120,19 @@ _keras_cv_built = {}
 _KERAS_CV_FIXTURES = {"keras_cv_drop_in": "drop_in", "keras_cv_sd1": "sd1"}
 
 
+def random_weight_value(weight, rng, std: float) -> np.ndarray:
+    """Seeded random values for one Keras weight (norm scales near one)."""
+    noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
+    return 1.0 + noise if weight.path.endswith("gamma") else noise
+
+
+def randomize_keras_model(model, seed: int, std: float = 0.05) -> None:
+    """Seeded random values in every weight of a Keras model (norm scales near one)."""
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        weight.assign(random_weight_value(weight, rng, std))
+
+
 def random_keras_cv_models(builders: dict, std: float) -> dict:
     """KerasCV models from zero-argument `builders`, with seeded random weights (the
     n-th model's from seed n; norm scales near one).
@@ -137,13 +150,11 @@ def random_keras_cv_models(builders: dict, std: float) -> dict:
     pairs = []
     for seed, model in enumerate(models.values()):
         rng = np.random.default_rng(seed)
-
-        def value(weight, rng=rng):
-            noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
-            return 1.0 + noise if weight.path.endswith("gamma") else noise
-
         # initialize_deferred calls these in order, so each model's draws are sequential.
-        pairs += [(weight, lambda w=weight, value=value: value(w)) for weight in model.weights]
+        pairs += [
+            (weight, lambda w=weight, rng=rng: random_weight_value(w, rng, std))
+            for weight in model.weights
+        ]
     deferred.initialize_deferred(models.values(), pairs)
     return models
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import FULL_SIZE, max_abs_normalized_error
+from conftest import FULL_SIZE, max_abs_normalized_error, randomize_keras_model
 
 pytest.importorskip("keras_cv")
 # Full-size models: these run on the same xdist worker as the slow tests (conftest.py).
@@ -49,14 +49,6 @@ from keras_sd.weights.state_dict import CheckpointError  # noqa: E402
 TOLERANCE = 1e-4
 SCALE = vae.SD1_CONFIG["scaling_factor"]
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def _randomize(model, seed: int, std: float = 0.05) -> None:
-    """Seeded random values everywhere (norm scales near one), like conftest's torch helper."""
-    rng = np.random.default_rng(seed)
-    for weight in model.weights:
-        noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
-        weight.assign(1.0 + noise if weight.path.endswith("gamma") else noise)
 
 
 def _exact_gelu_geglu(self, inputs):
@@ -135,7 +127,7 @@ def _error(component, ours, kcv_model, inputs) -> float:
 )
 def test_component_matches_keras_cv(component, build_kcv, build_ours, bound):
     kcv_model = build_kcv()
-    _randomize(kcv_model, seed=3)
+    randomize_keras_model(kcv_model, seed=3)
     inputs = _inputs()
     ours = build_ours()
     assert _error(component, ours, kcv_model, inputs) > 0.1  # not yet loaded: far off
@@ -154,7 +146,7 @@ def test_component_matches_keras_cv(component, build_kcv, build_ours, bound):
 @pytest.mark.parametrize("fmt", ["legacy.h5", "keras3.weights.h5"])
 def test_h5_files_load(tmp_path, fmt):
     kcv_model = kcv_decoder.Decoder(64, 64, download_weights=False)
-    _randomize(kcv_model, seed=5)
+    randomize_keras_model(kcv_model, seed=5)
     path = tmp_path / f"decoder_{fmt}"
     if fmt == "legacy.h5":  # the format of KerasCV's published weights
         import h5py
@@ -210,7 +202,7 @@ def _kcv_components(version: str) -> dict:
         "image_encoder": kcv_encoder.ImageEncoder(download_weights=False),
     }
     for seed, model in enumerate(models.values()):
-        _randomize(model, seed=seed, std=0.02)
+        randomize_keras_model(model, seed=seed, std=0.02)
     # The reference SD's VAE epsilon and OpenCLIP's exact GELU, so only the mapping differs.
     for name in ("decoder", "image_encoder"):
         for layer in models[name]._flatten_layers():
