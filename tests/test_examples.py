@@ -69,7 +69,6 @@ def test_every_example_is_tested():
     assert sorted(p.name for p in (ROOT / "examples").glob("*.py")) == sorted(EXAMPLES)
 
 
-@pytest.mark.xdist_group("examples")
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
 def test_example_runs_and_writes_its_images(example_runs, script):
     out_dir, runs = example_runs
