@@ -16,7 +16,12 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import FULL_SIZE, max_abs_normalized_error, randomize_keras_model
+from conftest import (
+    FULL_SIZE,
+    max_abs_normalized_error,
+    random_keras_cv_models,
+    randomize_keras_model,
+)
 
 pytest.importorskip("keras_cv")
 # Full-size models: these run on the same xdist worker as the slow tests (conftest.py).
@@ -195,14 +200,17 @@ def _kcv_components(version: str) -> dict:
     v2 = version == "sd2"
     text = kcv_text.TextEncoderV2 if v2 else kcv_text.TextEncoder
     unet_cls = kcv_unet.DiffusionModelV2 if v2 else kcv_unet.DiffusionModel
-    models = {
-        "text_encoder": text(77, download_weights=False),
-        "diffusion_model": unet_cls(64, 64, 77, download_weights=False),
-        "decoder": kcv_decoder.Decoder(64, 64, download_weights=False),
-        "image_encoder": kcv_encoder.ImageEncoder(download_weights=False),
-    }
-    for seed, model in enumerate(models.values()):
-        randomize_keras_model(model, seed=seed, std=0.02)
+    # Built straight from seeded random values (the n-th model from seed n), without
+    # running KerasCV's initializers first (their values would be overwritten anyway).
+    models = random_keras_cv_models(
+        {
+            "text_encoder": lambda: text(77, download_weights=False),
+            "diffusion_model": lambda: unet_cls(64, 64, 77, download_weights=False),
+            "decoder": lambda: kcv_decoder.Decoder(64, 64, download_weights=False),
+            "image_encoder": lambda: kcv_encoder.ImageEncoder(download_weights=False),
+        },
+        std=0.02,
+    )
     # The reference SD's VAE epsilon and OpenCLIP's exact GELU, so only the mapping differs.
     for name in ("decoder", "image_encoder"):
         for layer in models[name]._flatten_layers():
