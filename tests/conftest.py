@@ -256,11 +256,13 @@ def release_memory() -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Drop each KerasCV fixture's models after the last test in a row that uses them."""
+    """Drop each KerasCV fixture's models after the last test in a row that uses them,
+    and hand a full-size test's freed memory back to the system: the worker then runs
+    small tests (and the other worker its own) without the big test's peak kept."""
     dropped = _keras_cv_uses(item) - _keras_cv_uses(nextitem)
     for key in dropped:
         _keras_cv_built.pop(key, None)
-    if dropped:
+    if dropped or _full_size(item):
         release_memory()
 
 
