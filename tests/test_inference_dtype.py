@@ -1,10 +1,12 @@
 """Loaded models keep their weights in the dtype they compute in
 (`keras_sd.weights.precision`): float16/bfloat16 variables after a load under a mixed
 policy or with `dtype="float16"`/`"bfloat16"`, float32 variables with `dtype="mixed_*"`,
-and trainers train float32 variables only.
+trainers train float32 variables only, and bfloat16 weights save as BF16 and load back exactly.
 """
 
 import contextlib
+import json
+import struct
 
 import keras
 import numpy as np
@@ -17,6 +19,7 @@ from keras_sd.training import (
     VAETrainer,
     textual_inversion_dataset,
 )
+from keras_sd.weights.state_dict import named_variables
 
 PROMPT = "a red circle on a blue background"
 COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
@@ -160,3 +163,32 @@ def test_bad_dtype_names_the_argument(tiny_folder, dtype):
     ):
         with pytest.raises(ValueError, match=r"dtype must be one of .*'mixed_bfloat16'"):
             call()
+
+
+def stored_dtypes(path) -> set:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+
+
+@pytest.mark.parametrize(("layout", "name"), [("keras", "tiny.safetensors"), ("diffusers", "tiny")])
+def test_bfloat16_weights_save_as_bf16_and_load_back_exactly(tmp_path, layout, name):
+    with global_policy("mixed_bfloat16"):
+        sd = load("preset", None)
+    sd.save_checkpoint(tmp_path / name, layout=layout)
+    file = (
+        tmp_path / name
+        if layout == "keras"
+        else tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    assert stored_dtypes(file) == {"BF16"}
+    back = StableDiffusion.from_checkpoint(tmp_path / name, dtype="bfloat16", jit_compile=False)
+    for component in COMPONENTS:
+        ours = named_variables(getattr(sd, component))
+        theirs = named_variables(getattr(back, component))
+        assert sorted(ours) == sorted(theirs)
+        for key, variable in ours.items():
+            assert theirs[key].dtype == "bfloat16"
+            same = keras.ops.convert_to_numpy(variable) == keras.ops.convert_to_numpy(theirs[key])
+            assert same.all(), key
