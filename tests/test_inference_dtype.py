@@ -192,3 +192,19 @@ def test_bfloat16_weights_save_as_bf16_and_load_back_exactly(tmp_path, layout, n
             assert theirs[key].dtype == "bfloat16"
             same = keras.ops.convert_to_numpy(variable) == keras.ops.convert_to_numpy(theirs[key])
             assert same.all(), key
+
+
+def test_an_upcast_vae_gets_the_files_float32_values_exactly(tmp_path):
+    """Under float16 the VAE keeps float32 weights: they come from the file, not from
+    a float16 conversion made ahead of the build."""
+    sd = StableDiffusion(64, 64, config="tiny", jit_compile=False)  # float32 random values
+    sd.save_checkpoint(tmp_path / "tiny", layout="diffusers")
+    with global_policy("mixed_float16"):
+        half = StableDiffusion.from_checkpoint(tmp_path / "tiny", jit_compile=False)
+    for component in ("decoder", "image_encoder"):
+        ours = named_variables(getattr(sd, component))
+        theirs = named_variables(getattr(half, component))
+        for key, variable in ours.items():
+            assert theirs[key].dtype == "float32"
+            same = keras.ops.convert_to_numpy(variable) == keras.ops.convert_to_numpy(theirs[key])
+            assert same.all(), key

@@ -234,8 +234,8 @@ def _load_models(config: dict, parts: dict, source: str, policy: str) -> dict:
     order = component_states(parts)
     for _, state, key_prefix, ignore in order:
         check_stored_weights(select_entries(state, key_prefix, ignore), source)
-    dtype = precision.variable_dtype(policy)
-    with Prefetch([state[1:] for state in order], dtype) as prefetch:
+    dtypes = precision.variable_dtypes(config, policy)
+    with Prefetch([s[1:] for s in order], [dtypes[s[0]] for s in order]) as prefetch:
         models = deferred.build_models_deferred(config, source, policy)
         try:
             pairs = [

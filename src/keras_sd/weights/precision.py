@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import keras
 
+from keras_sd.models import vae
+from keras_sd.weights import deferred
+
 LOAD_DTYPES = (None, "float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
 _MIXED_PREFIX = "mixed_"
 
@@ -59,14 +62,21 @@ def load_policy(dtype: str | None = None) -> str:
     return name[len(_MIXED_PREFIX) :] if name.startswith(_MIXED_PREFIX) else name
 
 
-def variable_dtype(policy: str) -> str:
-    """The variable dtype of a policy name ("mixed_bfloat16" -> "float32").
+def variable_dtypes(config: dict, policy: str) -> dict:
+    """`{StableDiffusion attribute: variable dtype}` of the models `config` builds under
+    `policy` (an upcasting VAE keeps float32), known before any model is built.
 
     Example:
-    >>> variable_dtype("mixed_float16"), variable_dtype("bfloat16")
-    ('float32', 'bfloat16')
+    >>> from keras_sd.presets import resolve_model_config
+    >>> variable_dtypes(resolve_model_config("tiny"), "float16")["decoder"]
+    'float32'
     """
-    return keras.dtype_policies.get(policy).variable_dtype
+    low = keras.dtype_policies.get(policy).variable_dtype
+    upcast = vae.upcasts(policy, config["vae"].get("force_upcast", True))
+    return {
+        attr: "float32" if upcast and key == "vae" else low
+        for attr, (_, key) in deferred.MODELS.items()
+    }
 
 
-__all__ = ["LOAD_DTYPES", "check_load_dtype", "load_policy", "variable_dtype"]
+__all__ = ["LOAD_DTYPES", "check_load_dtype", "load_policy", "variable_dtypes"]
