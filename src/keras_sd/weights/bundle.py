@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-import keras
-
 from keras_sd.weights.deferred import MODELS, build_model
 from keras_sd.weights.diffusers import TEXT_ENCODER_IGNORED, load_components
 from keras_sd.weights.native import read_pipeline_metadata
@@ -28,7 +26,6 @@ from keras_sd.weights.state_dict import (
 FORMAT = "keras_sd.bundle"
 VERSION = "1"
 COMPONENT_PREFIXES = ("unet", "vae", "text_encoder")
-_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def read_bundle(path) -> tuple[dict, dict]:
@@ -82,7 +79,7 @@ def bundle_kwargs(
     """The `StableDiffusion(...)` arguments of a bundle file: config, image size
     and components with the bundle's weights.
 
-    Weights are cast to the variable dtype of the models' dtype policy.
+    Weights are converted from the stored values to each variable's dtype.
 
     Args:
         path: a bundle file.
@@ -101,12 +98,6 @@ def bundle_kwargs(
         check_stored_weights(select_entries(state, "", TEXT_ENCODER_IGNORED), os.fspath(path))
     if prediction_type is not None:
         config["scheduler"] = {**config.get("scheduler", {}), "prediction_type": prediction_type}
-    dtype = keras.dtype_policies.get(policy or keras.config.dtype_policy()).variable_dtype
-    if dtype not in _DTYPES:
-        dtype = "float32"
-    states = {
-        name: {k: v.astype(dtype) for k, v in state.items()} for name, state in states.items()
-    }
     with refusing(os.fspath(path), "its stored config does not build the models"):
         models = {attr: build_model(attr, config, policy) for attr in MODELS}
     load_components(SimpleNamespace(**models), **states)
