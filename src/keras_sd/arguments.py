@@ -14,6 +14,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sd.weights import precision
+
 # Largest image side accepted; SD models are trained at 512-1024 px.
 MAX_SIDE = 16_384
 # Classifier-free guidance weights accepted; SD is used at 1-20, and larger weights only
@@ -83,10 +85,13 @@ def check_checkpoint_kwargs(kwargs: dict, components: tuple) -> None:
         elif key == "config":
             if value is not None and not isinstance(value, (str, dict)):
                 raise TypeError(f"config must be a name or a dict; received {value!r}.")
+        elif key == "dtype":
+            precision.check_load_dtype(value)
         else:
             allowed = ["config", "prediction_type", "img_size", "img_width", "img_height"]
+            allowed += ["use_ema", "dtype"]
             raise TypeError(
-                f"unexpected keyword argument {key!r}; accepted: {allowed + ['use_ema']} and "
+                f"unexpected keyword argument {key!r}; accepted: {allowed} and "
                 f"the component overrides {list(components)}."
             )
 

@@ -100,8 +100,12 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
             name: one of `keras_sd.presets.preset_names()`, e.g. "tiny-shapes"
                 (bundled), "sd-v1-5", "sd-v2-1".
             jit_compile: see the class.
-            **kwargs: `img_width`, `img_height`, and for hub presets the arguments of
-                `keras_sd.weights.hub.preset_kwargs` (`cache_dir`, `token`, ...).
+            **kwargs: `img_width`, `img_height`, `dtype`, and for hub presets the arguments
+                of `keras_sd.weights.hub.preset_kwargs` (`cache_dir`, `token`, ...).
+                The weights' dtype rule: `dtype=None` follows the global Keras policy,
+                except that under "mixed_float16"/"mixed_bfloat16" the variables are
+                float16/bfloat16 (inference: half the memory); `dtype="mixed_bfloat16"`
+                keeps float32 variables, which training needs.
 
         Returns:
             An instance of `cls` (subclasses load as themselves).
@@ -110,6 +114,8 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         >>> sd = StableDiffusion.from_preset("tiny-shapes")
         >>> sd.text_to_image("a red circle on a blue background", seed=0).shape[-1]
         3
+        >>> StableDiffusion.from_preset("tiny-shapes", dtype="bfloat16").diffusion_model.dtype
+        'bfloat16'
         """
         if name in presets.BUNDLED_PRESETS:
             parts = checkpoint.checkpoint_kwargs(presets.bundled_preset_path(name), **kwargs)
@@ -125,9 +131,9 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
         Args:
             path: see `keras_sd.weights.checkpoint.checkpoint_kwargs`.
             jit_compile: see the class.
-            **kwargs: `config`, `prediction_type`, `img_size`, `img_width`,
-                `img_height`, `use_ema` and per-component overrides, as documented in
-                `keras_sd.weights.checkpoint.checkpoint_kwargs`.
+            **kwargs: `config`, `prediction_type`, `img_size`, `img_width`, `img_height`,
+                `use_ema`, `dtype` (the rule of `from_preset`) and per-component
+                overrides, as documented in `keras_sd.weights.checkpoint.checkpoint_kwargs`.
 
         Returns:
             An instance of `cls` (subclasses load as themselves).
@@ -144,7 +150,7 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
 
         Args:
             model: the KerasCV model; see `keras_sd.weights.keras_cv.keras_cv_kwargs`
-                for the per-component and image-size arguments in `kwargs`.
+                for the per-component, image-size and `dtype` arguments in `kwargs`.
             jit_compile: see the class.
 
         Returns:

@@ -73,6 +73,19 @@ def test_float32_bundle_is_exact_and_larger(tiny_sd, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize(("dtype", "expected"), [(None, "bfloat16"), ("mixed_bfloat16", "float32")])
+def test_bundle_follows_the_inference_dtype_rule(tiny_sd, tmp_path, dtype, expected):
+    path = tmp_path / "tiny.safetensors"
+    save_bundle(tiny_sd, path)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        loaded = load_bundle(path, jit_compile=False, dtype=dtype)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    for name in ("text_encoder", "diffusion_model", "decoder", "image_encoder"):
+        assert {w.dtype for w in getattr(loaded, name).weights} == {expected}, name
+
+
 def test_truncated_file_names_the_file(tiny_sd, tmp_path):
     path = tmp_path / "broken.safetensors"
     save_bundle(tiny_sd, path)

@@ -93,6 +93,21 @@ class SpatialSelfAttention(Attention):
         return {**config, "norm_groups": self.norm_groups, "norm_eps": self.norm_eps}
 
 
+def upcasts(dtype=None, force_upcast: bool = True) -> bool:
+    """Whether a VAE built with the dtype policy `dtype` (None: the global one) and
+    `force_upcast` runs, and keeps its weights, in float32 instead.
+
+    SD VAEs' activations outgrow float16 (65504) at larger sizes: NaN or black images.
+    bfloat16 has float32's range and keeps its policy.
+
+    Example:
+    >>> upcasts("mixed_float16"), upcasts("float16", force_upcast=False), upcasts("bfloat16")
+    (True, False, False)
+    """
+    policy = keras.dtype_policies.get(dtype or keras.config.dtype_policy())
+    return bool(force_upcast) and policy.compute_dtype == "float16"
+
+
 class _VAEBase(keras.Model):
     """Config, validation and the mid block shared by `VAEEncoder` and `VAEDecoder`."""
 
@@ -110,10 +125,7 @@ class _VAEBase(keras.Model):
         **kwargs,
     ):
         validation.check_config("vae", locals())  # before anything is built
-        policy = keras.dtype_policies.get(kwargs.get("dtype") or keras.config.dtype_policy())
-        if force_upcast and policy.compute_dtype == "float16":
-            # SD VAEs' activations outgrow float16 (65504) at larger sizes: NaN or black
-            # images. bfloat16 has float32's range and keeps its policy.
+        if upcasts(kwargs.get("dtype"), force_upcast):
             kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.force_upcast = bool(force_upcast)

@@ -29,7 +29,8 @@ class DiffusionTrainer(Trainer):
     """Trains a `UNet` (and optionally the `CLIPTextEncoder`) with `fit()` on any backend.
 
     The VAE encoder is frozen (made non-trainable); the text encoder is trained only when
-    `train_text_encoder` is True.
+    `train_text_encoder` is True. Trained models need float32 variables: `compile` refuses
+    float16/bfloat16 ones (load with `dtype="mixed_bfloat16"`, see `Trainer`).
 
     Args:
         text_encoder: a `CLIPTextEncoder` (token ids -> context).

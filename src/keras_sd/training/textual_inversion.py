@@ -76,7 +76,8 @@ class TextualInversionTrainer(DiffusionTrainer):
     every other weight of `sd` is made non-trainable and stays bit-identical. Works with
     `fit()` on TensorFlow, JAX and PyTorch, with `jit_compile`, and under the
     `mixed_float16` (Keras wraps the optimizer in loss scaling) and `mixed_bfloat16`
-    policies; the rows stay float32.
+    policies; the rows stay float32, also on a model loaded with float16/bfloat16 weights
+    (see `keras_sd.weights.precision`; float16 compute gets loss scaling).
 
     Args:
         sd: a `StableDiffusion`.

@@ -12,11 +12,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-import keras
-
-from keras_sd.models.clip_text import CLIPTextEncoder
-from keras_sd.models.unet import UNet
-from keras_sd.models.vae import VAEDecoder, VAEEncoder
+from keras_sd.weights.deferred import MODELS, build_model
 from keras_sd.weights.diffusers import TEXT_ENCODER_IGNORED, load_components
 from keras_sd.weights.native import read_pipeline_metadata
 from keras_sd.weights.safetensors_io import read_safetensors
@@ -30,7 +26,6 @@ from keras_sd.weights.state_dict import (
 FORMAT = "keras_sd.bundle"
 VERSION = "1"
 COMPONENT_PREFIXES = ("unet", "vae", "text_encoder")
-_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def read_bundle(path) -> tuple[dict, dict]:
@@ -74,18 +69,24 @@ def is_bundle(path) -> bool:
 
 
 def bundle_kwargs(
-    path, *, prediction_type: str | None = None, img_width=None, img_height=None
+    path,
+    *,
+    prediction_type: str | None = None,
+    img_width=None,
+    img_height=None,
+    policy: str | None = None,
 ) -> dict:
     """The `StableDiffusion(...)` arguments of a bundle file: config, image size
     and components with the bundle's weights.
 
-    Weights are cast to the variable dtype of the global Keras dtype policy (float32
-    unless a float16/bfloat16 policy is active).
+    Weights are converted from the stored values to each variable's dtype.
 
     Args:
         path: a bundle file.
         prediction_type: overrides the stored scheduler's prediction type.
         img_width, img_height: default image size; default the stored one.
+        policy: the models' dtype policy (`keras_sd.weights.precision.load_policy`);
+            None: the global one.
 
     Example:
     >>> sd = StableDiffusion(**bundle_kwargs("tiny-shapes.safetensors"))  # doctest: +SKIP
@@ -97,19 +98,8 @@ def bundle_kwargs(
         check_stored_weights(select_entries(state, "", TEXT_ENCODER_IGNORED), os.fspath(path))
     if prediction_type is not None:
         config["scheduler"] = {**config.get("scheduler", {}), "prediction_type": prediction_type}
-    dtype = keras.mixed_precision.global_policy().variable_dtype
-    if dtype not in _DTYPES:
-        dtype = "float32"
-    states = {
-        name: {k: v.astype(dtype) for k, v in state.items()} for name, state in states.items()
-    }
     with refusing(os.fspath(path), "its stored config does not build the models"):
-        models = {
-            "text_encoder": CLIPTextEncoder(**config["text_encoder"]),
-            "diffusion_model": UNet(**config["unet"]),
-            "decoder": VAEDecoder(**config["vae"]),
-            "image_encoder": VAEEncoder(**config["vae"]),
-        }
+        models = {attr: build_model(attr, config, policy) for attr in MODELS}
     load_components(SimpleNamespace(**models), **states)
     return {
         "config": config,

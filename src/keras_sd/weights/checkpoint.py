@@ -15,8 +15,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import keras
-
 from keras_sd import presets
 from keras_sd.weights import (
     atomic,
@@ -25,6 +23,7 @@ from keras_sd.weights import (
     diffusers_folder,
     keras_cv,
     native,
+    precision,
     safetensors_io,
     transpose,
 )
@@ -225,8 +224,9 @@ def component_states(parts: dict) -> list:
     ]
 
 
-def _load_models(config: dict, parts: dict, source: str) -> dict:
-    """Build the models and stream `parts` (diffusers-layout state dicts) into them.
+def _load_models(config: dict, parts: dict, source: str, policy: str) -> dict:
+    """Build the models under the dtype policy `policy` and stream `parts`
+    (diffusers-layout state dicts) into them.
 
     The tensors are read and converted in a worker that starts before the build (see
     `prefetch`), in the order the variables are filled.
@@ -234,9 +234,9 @@ def _load_models(config: dict, parts: dict, source: str) -> dict:
     order = component_states(parts)
     for _, state, key_prefix, ignore in order:
         check_stored_weights(select_entries(state, key_prefix, ignore), source)
-    dtype = keras.config.dtype_policy().variable_dtype
-    with Prefetch([state[1:] for state in order], dtype) as prefetch:
-        models = deferred.build_models_deferred(config, source)
+    dtypes = precision.variable_dtypes(config, policy)
+    with Prefetch([s[1:] for s in order], [dtypes[s[0]] for s in order]) as prefetch:
+        models = deferred.build_models_deferred(config, source, policy)
         try:
             pairs = [
                 pair
@@ -266,6 +266,7 @@ def checkpoint_kwargs(
     img_width: int | None = None,
     img_height: int | None = None,
     use_ema: bool = False,
+    dtype: str | None = None,
     **overrides,
 ) -> dict:
     """Load a Stable Diffusion 1.x/2.x checkpoint: the `StableDiffusion(...)` arguments
@@ -294,14 +295,20 @@ def checkpoint_kwargs(
             UNet's `sample_size` for diffusers folders, else 512.
         img_width, img_height: override `img_size` per side.
         use_ema: take the UNet from the file's `model_ema.*` copy (single files).
+        dtype: the models' dtype policy: None, "float32", "float16", "bfloat16",
+            "mixed_float16" or "mixed_bfloat16". None follows the global Keras policy,
+            except that a mixed policy loads the weights in its compute dtype (float16
+            or bfloat16 variables: half the memory, for inference); "mixed_*" keeps
+            float32 variables with low-precision compute, which training needs. See
+            `keras_sd.weights.precision`.
         **overrides: per-component dicts of constructor arguments applied last, e.g.
             `unet={"num_heads": 2}`, `scheduler={"timestep_spacing": "trailing"}`.
 
     Returns:
         A dict with "config", "img_width", "img_height" and the components
         "text_encoder", "diffusion_model", "decoder", "image_encoder" (variables in the
-        dtype of the current Keras policy; float16/bfloat16 files are widened exactly)
-        and, for files that store one, "tokenizer".
+        variable dtype of the policy `dtype` selects, whatever the file stores) and, for
+        files that store one, "tokenizer".
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -314,9 +321,10 @@ def checkpoint_kwargs(
     >>> parts = checkpoint_kwargs("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
     >>> sd = StableDiffusion(**parts)  # doctest: +SKIP
     """
+    policy = precision.load_policy(dtype)
     if isinstance(path, (list, tuple)) or str(path).lower().endswith(".h5"):
         return keras_cv.keras_cv_checkpoint_kwargs(
-            path, img_width=img_width or img_size, img_height=img_height or img_size
+            path, img_width=img_width or img_size, img_height=img_height or img_size, dtype=dtype
         )
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(
@@ -326,7 +334,11 @@ def checkpoint_kwargs(
     folder_size = None
     if path.is_dir() and not (path / "unet").is_dir() and any(path.glob("*.h5")):
         return checkpoint_kwargs(
-            sorted(path.glob("*.h5")), img_size=img_size, img_width=img_width, img_height=img_height
+            sorted(path.glob("*.h5")),
+            img_size=img_size,
+            img_width=img_width,
+            img_height=img_height,
+            dtype=dtype,
         )
     if native.is_keras_layout(path) or bundle.is_bundle(path):
         if config is not None or overrides or use_ema:
@@ -336,7 +348,7 @@ def checkpoint_kwargs(
             )
         size = {"img_width": img_width or img_size, "img_height": img_height or img_size}
         read = native.keras_layout_kwargs if native.is_keras_layout(path) else bundle.bundle_kwargs
-        return read(path, prediction_type=prediction_type, **size)
+        return read(path, prediction_type=prediction_type, policy=policy, **size)
     if path.is_dir():
         parts, configs = diffusers_folder.read_folder(path)
         config, folder_size = diffusers_folder.model_config(configs, config or "sd1", str(path))
@@ -347,7 +359,7 @@ def checkpoint_kwargs(
     if prediction_type is not None:
         config["scheduler"] = {**config["scheduler"], "prediction_type": prediction_type}
     config = _merge(config, overrides)
-    models = _load_models(config, parts, str(path))
+    models = _load_models(config, parts, str(path), policy)
     v_prediction = config["scheduler"].get("prediction_type") == "v_prediction"
     default_height, default_width = folder_size or (768 if v_prediction else 512,) * 2
     return {

@@ -60,8 +60,13 @@ def paused_gc():
             gc.enable()
 
 
-def build_models_deferred(config: dict, source: str | None = None) -> dict:
+def build_models_deferred(
+    config: dict, source: str | None = None, policy: str | None = None
+) -> dict:
     """`{StableDiffusion attribute: model}` built from `config`, variables without values.
+
+    `policy` is the models' dtype policy (see `keras_sd.weights.precision.load_policy`);
+    None: the global one.
 
     Every model must then go through `initialize_deferred` or `forget_deferred`.
     With `source` (the file the config was read from), a config that does not build
@@ -70,7 +75,14 @@ def build_models_deferred(config: dict, source: str | None = None) -> dict:
     what = "its stored config does not build the models"
     with contextlib.nullcontext() if source is None else refusing(source, what):
         with keras.StatelessScope(initialize_variables=False):
-            return {attr: cls(**config[key]) for attr, (cls, key) in MODELS.items()}
+            return {attr: build_model(attr, config, policy) for attr in MODELS}
+
+
+def build_model(attr: str, config: dict, policy: str | None = None):
+    """The model held by the `StableDiffusion` attribute `attr`, built from `config`
+    under the dtype policy `policy` (None: the global one)."""
+    cls, key = MODELS[attr]
+    return cls(**config[key]) if policy is None else cls(**{**config[key], "dtype": policy})
 
 
 def forget_deferred(models) -> None:

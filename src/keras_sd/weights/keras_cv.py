@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_sd import presets
 from keras_sd.models import clip_text
-from keras_sd.weights import deferred, h5_safety, safetensors_io
+from keras_sd.weights import deferred, h5_safety, precision, safetensors_io
 from keras_sd.weights.state_dict import CheckpointError, named_variables, stand_in
 
 COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
@@ -285,7 +285,8 @@ def _identify(arrays: list) -> str:
 
 
 # ------------------------------------------------------------------ public API
-def _assemble(weights: dict, source: str, img_width, img_height) -> dict:
+def _assemble(weights: dict, source: str, img_width, img_height, dtype=None) -> dict:
+    policy = precision.load_policy(dtype)  # checked before any model is built
     missing = [c for c in ("text_encoder", "diffusion_model", "decoder") if c not in weights]
     if missing:
         raise CheckpointError(
@@ -297,7 +298,7 @@ def _assemble(weights: dict, source: str, img_width, img_height) -> dict:
     errors = []
     for name in ("sd1", "sd2-base"):
         config = presets.resolve_model_config(name)
-        models = deferred.build_models_deferred(config)
+        models = deferred.build_models_deferred(config, policy=policy)
         try:
             pairs = []
             for component, arrays in weights.items():
@@ -315,7 +316,7 @@ def _assemble(weights: dict, source: str, img_width, img_height) -> dict:
             stacklevel=3,
         )
         deferred.forget_deferred([models["image_encoder"]])
-        models["image_encoder"] = type(models["image_encoder"])(**config["vae"])
+        models["image_encoder"] = deferred.build_model("image_encoder", config, policy)
     deferred.initialize_deferred([models[c] for c in weights], pairs)
     return {
         "config": config,
@@ -325,7 +326,7 @@ def _assemble(weights: dict, source: str, img_width, img_height) -> dict:
     }
 
 
-def keras_cv_checkpoint_kwargs(paths, img_width=None, img_height=None) -> dict:
+def keras_cv_checkpoint_kwargs(paths, img_width=None, img_height=None, dtype=None) -> dict:
     """The `StableDiffusion(...)` arguments for KerasCV `.h5` weight files (one per
     component): config, image size and the loaded components.
 
@@ -334,6 +335,7 @@ def keras_cv_checkpoint_kwargs(paths, img_width=None, img_height=None) -> dict:
             optionally image encoder, in any order: each file's component is recognised
             from its first weights, SD 1.x vs 2.x from which configuration's shapes fit).
         img_width, img_height: default image size (512).
+        dtype: the models' dtype policy, as for `checkpoint.checkpoint_kwargs`.
 
     Example:
     >>> parts = keras_cv_checkpoint_kwargs(["kcv_encoder.h5", "kcv_diffusion_model.h5",
@@ -348,7 +350,7 @@ def keras_cv_checkpoint_kwargs(paths, img_width=None, img_height=None) -> dict:
             raise CheckpointError(f"two KerasCV {component} files given: {paths}.")
         weights[component] = arrays
     source = ", ".join(Path(p).name for p in paths)
-    return _assemble(weights, source, img_width, img_height)
+    return _assemble(weights, source, img_width, img_height, dtype)
 
 
 def load_keras_cv_weights(
@@ -390,6 +392,7 @@ def keras_cv_kwargs(
     image_encoder=None,
     img_width=None,
     img_height=None,
+    dtype=None,
 ) -> dict:
     """The `StableDiffusion(...)` arguments that convert an in-memory KerasCV Stable
     Diffusion model: config, image size and keras-sd components with its weights.
@@ -401,6 +404,7 @@ def keras_cv_kwargs(
         text_encoder, diffusion_model, decoder, image_encoder: KerasCV component models,
             instead of (or overriding) those of `model`.
         img_width, img_height: default image size; default `model`'s, else 512.
+        dtype: the models' dtype policy, as for `checkpoint.checkpoint_kwargs`.
 
     Returns:
         The arguments, with the SD 1.x or 2.x-base configuration that fits the weights.
@@ -430,7 +434,7 @@ def keras_cv_kwargs(
     }
     img_width = img_width or getattr(model, "img_width", None)
     img_height = img_height or getattr(model, "img_height", None)
-    return _assemble(weights, "KerasCV model", img_width, img_height)
+    return _assemble(weights, "KerasCV model", img_width, img_height, dtype)
 
 
 __all__ = [

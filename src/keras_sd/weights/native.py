@@ -178,7 +178,12 @@ def _value_function(tensor, variable, mapped):
 
 
 def keras_layout_kwargs(
-    path, *, prediction_type: str | None = None, img_width=None, img_height=None
+    path,
+    *,
+    prediction_type: str | None = None,
+    img_width=None,
+    img_height=None,
+    policy: str | None = None,
 ) -> dict:
     """The `StableDiffusion(...)` arguments stored by `save_keras_layout`: config,
     image size and components (weights mapped on CPUs when the file's dtype is the
@@ -188,6 +193,8 @@ def keras_layout_kwargs(
         path: a keras-layout `.safetensors` file.
         prediction_type: overrides the stored scheduler's "epsilon"/"v_prediction".
         img_width, img_height: default image size; default the stored one.
+        policy: the models' dtype policy (`keras_sd.weights.precision.load_policy`);
+            None: the global one.
 
     Raises:
         CheckpointError: the file's tensors do not fit the models its config describes.
@@ -208,7 +215,7 @@ def keras_layout_kwargs(
         config, width, height = read_pipeline_metadata(metadata)
     if prediction_type is not None:
         config["scheduler"] = {**config.get("scheduler", {}), "prediction_type": prediction_type}
-    models = deferred.build_models_deferred(config, path)
+    models = deferred.build_models_deferred(config, path, policy)
     try:
         pairs = _match(models, tensors, _mapped_values(path, tensors), path)
     except Exception:

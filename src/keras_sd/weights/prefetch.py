@@ -96,7 +96,8 @@ class Prefetch:
         states: `(state_dict, prefix, ignore)` triples in the order their variables
             will be filled (as `transpose.match_torch_state` pairs them: the entries
             `state_dict.select_entries` picks, sorted by key).
-        dtype: the dtype the variables will most likely have.
+        dtype: the dtype the variables will most likely have: one for all states, or a
+            list with one per state.
         budget: bytes the worker may convert ahead of `take`. Default: unlimited where
             variables adopt the values' memory (the arena, see above), else
             `AHEAD_BYTES`; a given budget always means one worker and no arena.
@@ -114,16 +115,18 @@ class Prefetch:
     """
 
     def __init__(self, states, dtype, budget: float | None = None):
-        self._dtype = keras.backend.standardize_dtype(dtype)
+        states = list(states)
+        dtypes = [dtype] * len(states) if isinstance(dtype, str) else list(dtype)
+        dtypes = [keras.backend.standardize_dtype(d) for d in dtypes]
         jobs = [
-            (tensor, guess_layout(key, tensor.shape))
-            for state, prefix, ignore in states
+            (tensor, guess_layout(key, tensor.shape), kind)
+            for (state, prefix, ignore), kind in zip(states, dtypes, strict=True)
             for key, tensor in sorted(select_entries(state, prefix, ignore).items())
         ]
-        sizes = [math.prod(shape) * np.dtype(self._dtype).itemsize for _, (shape, _) in jobs]
+        sizes = [math.prod(shape) * np.dtype(kind).itemsize for _, (shape, _), kind in jobs]
         slots = [None] * len(jobs)
         self._arena = None
-        if budget is None and _adopts_host_memory(self._dtype):
+        if budget is None and all(_adopts_host_memory(d) for d in set(dtypes)):
             budget, workers = math.inf, max(1, min(WORKERS, os.cpu_count() or 1))
             step = backend.HOST_ALIGNMENT
             padded = [-(-n // step) * step for n in sizes]
@@ -136,11 +139,11 @@ class Prefetch:
         self._turn = threading.Condition()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="keras-sd-prefetch")
         self._jobs = {}
-        for (tensor, layout), nbytes, slot in zip(jobs, sizes, slots, strict=True):
-            future = self._pool.submit(self._convert, tensor, layout, nbytes, slot)
+        for (tensor, layout, kind), nbytes, slot in zip(jobs, sizes, slots, strict=True):
+            future = self._pool.submit(self._convert, tensor, layout, kind, nbytes, slot)
             self._jobs[id(tensor)] = (layout, nbytes, future)
 
-    def _convert(self, tensor, layout, nbytes, slot):
+    def _convert(self, tensor, layout, dtype, nbytes, slot):
         with self._turn:
             self._turn.wait_for(
                 lambda: self._closed or self._ahead < self._budget or self._wanted is tensor
@@ -149,11 +152,11 @@ class Prefetch:
                 return None
             self._ahead += nbytes
         if slot is None:
-            return convert_torch_tensor(tensor, *layout, self._dtype)
+            return convert_torch_tensor(tensor, *layout, dtype)
         shape, permutation = layout
         if permutation is not None:
             shape = tuple(shape[axis] for axis in permutation)
-        out = np.frombuffer(self._arena, self._dtype, math.prod(shape), slot).reshape(shape)
+        out = np.frombuffer(self._arena, dtype, math.prod(shape), slot).reshape(shape)
         source = (
             tensor.mapped()
             if isinstance(tensor, LazyTensor)
@@ -165,8 +168,9 @@ class Prefetch:
         return keras.ops.convert_to_tensor(out) if adopted is None else adopted
 
     def take(self, tensor, variable):
-        """`variable`'s value from `tensor`: the one converted ahead when its layout was
-        guessed right, else converted now."""
+        """`variable`'s value from `tensor`: the one converted ahead when its layout and
+        dtype were guessed right, else converted now (from the file's values: a value
+        converted to another dtype could have lost precision)."""
         actual = torch_layout(tensor.shape, variable)
         guessed, nbytes, future = self._jobs.pop(id(tensor), (None, 0, None))
         value = None
@@ -179,12 +183,14 @@ class Prefetch:
                 self._wanted = None
                 self._ahead -= nbytes if value is not None else 0
                 self._turn.notify_all()
-        if value is None or not _same_values(guessed, actual):
+        if (
+            value is None
+            or not _same_values(guessed, actual)
+            or keras.backend.standardize_dtype(value.dtype) != variable.dtype
+        ):
             return convert_torch_tensor(tensor, *actual, variable.dtype)
         if tuple(value.shape) != tuple(variable.shape):
             value = keras.ops.reshape(value, variable.shape)
-        if keras.backend.standardize_dtype(value.dtype) != variable.dtype:
-            value = keras.ops.cast(value, variable.dtype)
         return value
 
     def close(self) -> None:

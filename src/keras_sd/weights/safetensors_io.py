@@ -46,6 +46,7 @@ _DTYPES = {
     "BOOL": "?",
 }
 _TAGS = {np.dtype(v).name: k for k, v in _DTYPES.items() if k != "BF16"}
+_TAGS["bfloat16"] = "BF16"  # written from ml_dtypes' bfloat16, Keras' numpy bfloat16
 _MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library enforces
 
 
@@ -296,8 +297,8 @@ def write_safetensors(
     Args:
         path: the file to write; replaced only once the new file is complete.
         tensors: arrays in PyTorch layout, read one at a time.
-        dtype: None keeps each tensor's dtype; "float16"/"float32" converts the
-            floating-point ones.
+        dtype: None keeps each tensor's dtype (bfloat16 too); "float16"/"float32"
+            converts the floating-point ones.
         metadata: extra string entries for the header (`"format": "pt"` is always set,
             as transformers requires it).
         alignment: the data start on a multiple of this many bytes (8 or more, a power
@@ -314,7 +315,8 @@ def write_safetensors(
     for name in sorted(tensors):
         tensor = tensors[name]
         source = np.dtype(tensor.dtype)
-        target = np.dtype(dtype) if dtype and source.kind == "f" else source
+        floating = source.kind == "f" or source.name == "bfloat16"
+        target = np.dtype(dtype) if dtype and floating else source
         if target.name not in _TAGS:
             raise ValueError(f"cannot write tensor {name!r} of dtype {target} to safetensors")
         shape = tuple(int(n) for n in tensor.shape)
