@@ -80,7 +80,13 @@ def build_models_deferred(
 
 def build_model(attr: str, config: dict, policy: str | None = None):
     """The model held by the `StableDiffusion` attribute `attr`, built from `config`
-    under the dtype policy `policy` (None: the global one)."""
+    under the dtype policy `policy` (None: the global one).
+
+    Example:
+    >>> from keras_sd.presets import resolve_model_config
+    >>> build_model("diffusion_model", resolve_model_config("tiny"), "bfloat16").dtype
+    'bfloat16'
+    """
     cls, key = MODELS[attr]
     return cls(**config[key]) if policy is None else cls(**{**config[key], "dtype": policy})
 
