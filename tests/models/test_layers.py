@@ -235,11 +235,13 @@ def _group_norm_float64(x, groups, weight, bias, epsilon):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 6])  # 6: past UNROLLED_BATCH, a loop in the graph
 def test_group_norm_fused_path_matches_float64(monkeypatch, dtype, batch):
     """TensorFlow's fused path (CPU, outside XLA) against a float64 reference, on
     activations whose mean is far from zero (where E[x^2] - E[x]^2 would cancel), and
     no worse than the plain formulation; the graph must really use the fused kernel."""
+    from keras_sd.backend import kernels
+
     if not backend.fused_group_norm_applies(keras.ops.ones((1, 2, 2, 4))):
         pytest.skip("the fused path is TensorFlow's, on a CPU")
     import tensorflow as tf
@@ -258,8 +260,12 @@ def test_group_norm_fused_path_matches_float64(monkeypatch, dtype, batch):
     expected = _group_norm_float64(
         keras.ops.convert_to_numpy(keras.ops.cast(low, "float32")), 8, *stored, 1e-6
     )
-    graph = tf.function(norm).get_concrete_function(low).graph
-    assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+    graph = tf.function(norm).get_concrete_function(low).graph.as_graph_def()
+    functions = {f.signature.name: f for f in graph.library.function}
+    loop_bodies = [f for name, f in functions.items() if "while_body" in name]
+    assert bool(loop_bodies) == (batch > kernels.UNROLLED_BATCH)
+    nodes = [*graph.node, *(n for f in functions.values() for n in f.node_def)]
+    assert "FusedBatchNormV3" in {node.op for node in nodes}
     fused = keras.ops.convert_to_numpy(keras.ops.cast(norm(low), "float32"))
     monkeypatch.setattr(backend, "fused_group_norm_applies", lambda x: False)
     plain = keras.ops.convert_to_numpy(keras.ops.cast(norm(low), "float32"))

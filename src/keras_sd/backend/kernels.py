@@ -70,6 +70,11 @@ def fused_group_norm_applies(x) -> bool:
     return isinstance(x, tf.Tensor) and x.shape.rank == 4 and x.shape.is_fully_defined()
 
 
+# Above this many samples `fused_group_norm` loops in the graph instead of unrolling: an
+# unrolled graph grows with the batch, and tracing and optimizing it with it.
+UNROLLED_BATCH = 4
+
+
 def fused_group_norm(x, groups: int, weight, bias, epsilon: float, reference):
     """Group normalization of a channels-last TensorFlow tensor through the fused
     batch-norm kernel (oneDNN's on x86 CPUs): one pass for per-channel statistics and
@@ -80,7 +85,8 @@ def fused_group_norm(x, groups: int, weight, bias, epsilon: float, reference):
 
     Group statistics come from the per-channel ones by the law of total variance (no
     E[x^2] - E[x]^2 cancellation). Samples of a batch are normalized one at a time,
-    since the kernel pools statistics over the batch. The kernel's gradient ignores
+    since the kernel pools statistics over the batch: unrolled up to `UNROLLED_BATCH`
+    samples, in a `tf.map_fn` loop above. The kernel's gradient ignores
     its statistics outputs, so gradients are those of `reference(x, weight, bias)`,
     the plain formulation, recomputed.
 
@@ -125,8 +131,8 @@ def fused_group_norm(x, groups: int, weight, bias, epsilon: float, reference):
     @tf.custom_gradient
     def normalize(x, weight, bias):
         scale, offset = tf.cast(weight, tf.float32), tf.cast(bias, tf.float32)
-        outputs = []
-        for sample in tf.split(x, batch) if batch > 1 else [x]:
+
+        def one(sample):  # [1, H, W, C]
             mean, var = statistics(sample)
             y, *_ = tf.raw_ops.FusedBatchNormV3(
                 x=sample,
@@ -137,7 +143,18 @@ def fused_group_norm(x, groups: int, weight, bias, epsilon: float, reference):
                 epsilon=epsilon,
                 is_training=False,
             )
-            outputs.append(y)
+            return y
+
+        if batch > UNROLLED_BATCH:  # a loop in the graph: its size stays that of one sample
+            y = tf.map_fn(
+                lambda sample: one(sample[None])[0],
+                x,
+                fn_output_signature=tf.TensorSpec(x.shape[1:], x.dtype),
+            )
+        elif batch > 1:
+            y = tf.concat([one(sample) for sample in tf.split(x, batch)], 0)
+        else:
+            y = one(x)
 
         def gradient(dy):
             with tf.GradientTape() as tape:
@@ -145,6 +162,6 @@ def fused_group_norm(x, groups: int, weight, bias, epsilon: float, reference):
                 y = reference(x, weight, bias)
             return tape.gradient(y, [x, weight, bias], output_gradients=dy)
 
-        return (outputs[0] if batch == 1 else tf.concat(outputs, 0)), gradient
+        return y, gradient
 
     return normalize(x, tf.convert_to_tensor(weight), tf.convert_to_tensor(bias))
