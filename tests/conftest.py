@@ -9,7 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "false")
 
 import atexit  # noqa: E402
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -82,6 +84,82 @@ def randomize_torch_module(module, seed: int = 0, std: float = 0.05) -> None:
             noise = torch.randn(param.shape, generator=gen) * std
             is_norm_scale = param.ndim == 1 and "norm" in name and name.endswith("weight")
             param.copy_(1.0 + noise if is_norm_scale else noise)
+
+
+# torch.nn.init functions that modules' constructors fill their parameters with.
+_TORCH_INITS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+)
+
+
+@contextlib.contextmanager
+def torch_init_skipped():
+    """torch.nn.init's functions (and transformers' table of them) do nothing inside:
+    for models whose every parameter is written after construction."""
+    import torch
+
+    tables = [vars(torch.nn.init)]
+    if "transformers.initialization" in sys.modules:
+        tables.append(sys.modules["transformers.initialization"].TORCH_INIT_FUNCTIONS)
+    saved = [(table, name, table[name]) for table in tables for name in _TORCH_INITS]
+    try:
+        for table, name, _ in saved:
+            table[name] = lambda tensor, *args, **kwargs: tensor
+        yield
+    finally:
+        for table, name, function in saved:
+            table[name] = function
+
+
+def random_torch_model(build, seed: int = 0, std: float = 0.05):
+    """`build()` (a PyTorch module) with seeded random parameters, as
+    `randomize_torch_module` gives them (same generator, order and draws; a tensor under
+    16 values may differ in its last bit, as PyTorch scales those draws in float64).
+
+    The constructor's own initialization is skipped: at full size its values cost as much
+    as the random ones that overwrite them. Each parameter is filled in place.
+    """
+    import torch
+
+    with torch_init_skipped():
+        module = build()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.normal_(0.0, std, generator=gen)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.add_(1.0)
+    return module
+
+
+def keras_model_from_state_dict(build, state_dict: dict, prefix: str = "", ignore=()):
+    """`build()` (a keras-sd model) with its variables created straight from a
+    PyTorch-layout state dict, as `load_state_dict` would assign them (names and shapes
+    checked by the same matching): its initializers never run."""
+    import keras
+
+    from keras_sd.weights import deferred
+    from keras_sd.weights.state_dict import match_state_dict, torch_to_keras
+
+    with keras.StatelessScope(initialize_variables=False):
+        model = build()
+    pairs, problems = match_state_dict(model, state_dict, prefix, ignore)
+    if problems:
+        deferred.forget_deferred([model])
+        raise AssertionError(problems)
+    deferred.initialize_deferred(
+        [model], [(v, lambda v=v, t=t: torch_to_keras(np.asarray(t), v)) for v, t in pairs]
+    )
+    return model
 
 
 def torch_state_dict(module) -> dict:

@@ -6,7 +6,12 @@ import torch
 from keras import ops
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from conftest import max_abs_normalized_error, randomize_torch_module, torch_state_dict
+from conftest import (
+    keras_model_from_state_dict,
+    max_abs_normalized_error,
+    random_torch_model,
+    torch_state_dict,
+)
 from keras_sd.models.clip_text import (
     SD1_CONFIG,
     SD2_CONFIG,
@@ -15,7 +20,6 @@ from keras_sd.models.clip_text import (
     CLIPTextEncoder,
     config_from_transformers,
 )
-from keras_sd.weights.state_dict import load_state_dict
 
 # Parity unit: max |keras - torch| / std(torch), float32 on both sides.
 FLOAT32_TOLERANCE = 1e-4
@@ -42,9 +46,7 @@ def transformers_config(config: dict) -> CLIPTextConfig:
 def reference_model(config: dict, std: float) -> CLIPTextModel:
     hf_config = transformers_config(config)
     hf_config._attn_implementation = "eager"  # plain matmul-softmax reference
-    model = CLIPTextModel(hf_config).eval()
-    randomize_torch_module(model, seed=0, std=std)
-    return model
+    return random_torch_model(lambda: CLIPTextModel(hf_config).eval(), seed=0, std=std)
 
 
 def checkpoint_state_dict(model: CLIPTextModel) -> dict:
@@ -68,9 +70,11 @@ def token_ids(config: dict, batch: int = 2) -> np.ndarray:
 
 def encoder_and_reference(config: dict, std: float = 0.1):
     model = reference_model(config, std)
-    encoder = CLIPTextEncoder(**config)
-    load_state_dict(
-        encoder, checkpoint_state_dict(model), prefix="text_model.", ignore=("position_ids",)
+    encoder = keras_model_from_state_dict(
+        lambda: CLIPTextEncoder(**config),
+        checkpoint_state_dict(model),
+        prefix="text_model.",
+        ignore=("position_ids",),
     )
     return encoder, model
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import max_abs_normalized_error, randomize_torch_module, torch_state_dict
+from conftest import (
+    keras_model_from_state_dict,
+    max_abs_normalized_error,
+    random_torch_model,
+    randomize_torch_module,
+    torch_state_dict,
+)
 from keras_sd.models.unet import SD1_CONFIG, SD2_CONFIG, TINY_CONFIG, UNet, config_from_diffusers
 from keras_sd.weights.state_dict import load_state_dict, named_variables
 
@@ -219,12 +225,12 @@ def test_invalid_constructor_args():
 def test_full_size_parity(config):
     # Smallest latent that reaches every level: 8x8 -> 4 -> 2 -> 1; one sample.
     kwargs = config_from_diffusers(config)
-    torch_model = UNet2DConditionModel.from_config(config).eval()
-    randomize_torch_module(torch_model, seed=0, std=0.02)
+    torch_model = random_torch_model(
+        lambda: UNet2DConditionModel.from_config(config).eval(), seed=0, std=0.02
+    )
     inputs = unet_inputs(kwargs, batch=1, length=77)
     expected = torch_reference(torch_model, *inputs)
-    unet = UNet(**kwargs)
-    load_state_dict(unet, torch_state_dict(torch_model))
+    unet = keras_model_from_state_dict(lambda: UNet(**kwargs), torch_state_dict(torch_model))
     del torch_model
     actual = keras.ops.convert_to_numpy(unet(*inputs))
     error = max_abs_normalized_error(actual, expected)

@@ -8,7 +8,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from conftest import max_abs_normalized_error, randomize_torch_module, torch_state_dict
+from conftest import (
+    max_abs_normalized_error,
+    random_torch_model,
+    randomize_torch_module,
+    torch_state_dict,
+)
 from keras_sd.models.vae import (
     SD1_CONFIG,
     TINY_CONFIG,
@@ -201,8 +206,9 @@ def test_config_from_diffusers():
 @pytest.mark.slow
 def test_full_size_parity():
     # 64x64 images / 8x8 latents reach every level of the SD VAE; one sample.
-    torch_model = AutoencoderKL.from_config(SD_DIFFUSERS).eval()
-    randomize_torch_module(torch_model, seed=0, std=0.02)
+    torch_model = random_torch_model(
+        lambda: AutoencoderKL.from_config(SD_DIFFUSERS).eval(), seed=0, std=0.02
+    )
     actual, expected = check_encoder(torch_model, SD1_CONFIG, image_size=64, batch=1)
     assert max_abs_normalized_error(actual, expected) <= FLOAT32_TOLERANCE
     actual, expected = check_decoder(torch_model, SD1_CONFIG, latent_size=8, batch=1)
