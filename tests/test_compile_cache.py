@@ -31,6 +31,7 @@ def generate(tmp_path, name, *extra, env_extra=None):
     out = tmp_path / f"{name}.png"
     argv = [sys.executable, "-m", "keras_sd.cli", "generate", "a red circle", "-o", str(out)]
     argv += ["--steps", "1", "--seed", "5", "--jit-compile", "true", *extra]
+    argv += ["--width", "32", "--height", "32"]  # the smallest programs tiny-shapes makes
     result = run(argv, {"KERAS_BACKEND": "tensorflow", **(env_extra or {})})
     from PIL import Image
 
