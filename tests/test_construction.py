@@ -25,8 +25,9 @@ def tiny():
 @pytest.fixture
 def eager_on_tensorflow():
     """TensorFlow runs its graphs as Python, for checks of what a call reads rather than
-    of its compiled program (tracing a graph costs more than the tiny model's steps); on
-    JAX the same tests run compiled (tests/compat/test_construction_on_jax.py)."""
+    of the program it compiles (tracing costs more than the tiny model's steps). Other
+    backends run as usual; the shared JAX child runs the replacement checks compiled
+    (tests/backend_children.py, CONSTRUCTION_TESTS)."""
     if keras.backend.backend() != "tensorflow":
         yield
         return
