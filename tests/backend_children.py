@@ -104,9 +104,10 @@ TASKS = {
     "construction": _construction,
     "float16_attention": _float16_attention,
     "protocol": lambda: _load(os.path.join("schedulers", "test_protocol.py")).compare(),
+    # jax.jit steps: un-jitted, JAX compiles each op of the model and its gradient apart.
     "textual_inversion": lambda: _load(
         os.path.join("training", "test_textual_inversion.py")
-    ).train_and_compare("float32"),
+    ).train_and_compare("float32", jit_compile=True),
     "pipeline": _pipeline,
 }
 

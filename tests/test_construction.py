@@ -1,6 +1,7 @@
 """Building and loading `StableDiffusion`: subclasses, KerasCV's argument order,
 components and schedulers read at call time."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -21,6 +22,24 @@ def tiny():
     return StableDiffusion(32, 32, config="tiny", jit_compile=False)
 
 
+@pytest.fixture
+def eager_on_tensorflow():
+    """TensorFlow runs its graphs as Python, for checks of what a call reads rather than
+    of the program it compiles (tracing costs more than the tiny model's steps). Other
+    backends run as usual; the shared JAX child runs the replacement checks compiled
+    (tests/backend_children.py, CONSTRUCTION_TESTS)."""
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)
+
+
 def test_subclass_loads_as_itself_from_preset_and_checkpoint(tmp_path):
     preset = MySD.from_preset("tiny-shapes", jit_compile=False)
     assert type(preset) is MySD and preset.describe() == "MySD 64x64"
@@ -34,7 +53,7 @@ def test_subclass_loads_as_itself_from_preset_and_checkpoint(tmp_path):
     assert type(StableDiffusion.from_preset("tiny-shapes")) is StableDiffusion
 
 
-def test_positional_size_is_keras_cv_order():
+def test_positional_size_is_keras_cv_order(eager_on_tensorflow):
     """KerasCV: StableDiffusion(img_height, img_width, jit_compile)."""
     for sd in (
         StableDiffusion(32, 48, False, config="tiny"),
@@ -81,7 +100,7 @@ def test_assigned_encoder_or_decoder_is_used_on_the_next_call(tiny, component):
         setattr(tiny, component, original)
 
 
-def test_assigned_scheduler_is_used_on_the_next_call(tiny):
+def test_assigned_scheduler_is_used_on_the_next_call(tiny, eager_on_tensorflow):
     kwargs = dict(num_steps=3, seed=4, progress=False)
     before = tiny.text_to_image("a red circle", **kwargs)
     original = tiny.scheduler

@@ -32,7 +32,7 @@ def random_images(n=3, height=72, width=64, seed=0):
     return list((rng.random((n, height, width, 3)) * 255).astype("uint8"))
 
 
-def train_and_compare(policy: str, run_eagerly=False) -> dict:
+def train_and_compare(policy: str, run_eagerly=False, jit_compile=False) -> dict:
     """Train a 2-vector token for 2 steps under `policy`; which weights changed."""
     keras.config.set_dtype_policy(policy)
     try:
@@ -40,7 +40,7 @@ def train_and_compare(policy: str, run_eagerly=False) -> dict:
         before = weights_of(sd)
         trainer = TextualInversionTrainer(sd, "<s1>", initializer_token="circle", num_vectors=2)
         trainer.compile(
-            optimizer=keras.optimizers.Adam(1e-2), jit_compile=False, run_eagerly=run_eagerly
+            optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile, run_eagerly=run_eagerly
         )
         data = textual_inversion_dataset(
             random_images(), "<s1>", sd.tokenizer, size=32, repeats=2, batch_size=3
