@@ -61,23 +61,17 @@ shared = borrow_numpy(aligned)
 assert shared is not None, "an aligned array was not shared on TensorFlow/CPU"
 out = keras.ops.convert_to_numpy(keras.ops.transpose(shared))
 np.testing.assert_array_equal(out, misaligned.T)
-print("ok")
+print("borrow ok")
 """
 
 
-def run_tensorflow_child(script: str, *argv: str, allocator: str | None = None) -> str:
-    """Run `script` in a fresh TensorFlow/CPU process and return its stdout.
+def run_tensorflow_child(script: str, *argv: str, allocator: str | None = None):
+    """Run `script` in a fresh TensorFlow/CPU process; (return code, stdout, stderr).
     `allocator` sets TF_CPU_ALLOCATOR_USE_BFC; None leaves it unset."""
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
     if allocator is not None:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = allocator
-    return run_child(script, env, *argv)
-
-
-def run_child(script: str, env: dict, *argv: str) -> str:
-    """Run `script` in a fresh Python process with `env`; assert it succeeded and
-    return its stdout."""
     run = subprocess.run(
         [sys.executable, "-c", script, *argv],
         env=env,
@@ -85,14 +79,15 @@ def run_child(script: str, env: dict, *argv: str) -> str:
         text=True,
         timeout=300,
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    return run.returncode, run.stdout, run.stderr
 
 
-def test_borrow_numpy_shares_only_aligned_arrays():
+def test_borrow_numpy_shares_only_aligned_arrays(import_only_child):
     """TensorFlow aborts the process on an unaligned DLPack buffer: the check runs
     in a child so that a regression fails this test instead of killing the suite."""
-    assert run_tensorflow_child(BORROW_CHECK).strip().endswith("ok")
+    returncode, out, err = import_only_child
+    assert returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == "borrow ok", out
 
 
 POOL_CHECK = """
@@ -116,9 +111,18 @@ def page_faults_of_a_new_buffer():
 
 page_faults_of_a_new_buffer()  # whatever it holds on to, it has it now
 # 65,536 pages: a pool hands back the freed buffer, otherwise it is mapped afresh.
-print(imported, os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"), asked, len(caught),
-      backend.host_memory_pooled(), page_faults_of_a_new_buffer() < 16384)
+print("pool", imported, os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"), asked, len(caught),
+      backend.host_memory_pooled(), page_faults_of_a_new_buffer() < 16384, flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def import_only_child():
+    """The import-only pool check, then the borrow check, in one fresh TensorFlow
+    process: both want the allocator setting unset, and the borrow check runs after
+    the pool line is out so that it neither moves the page faults nor, by aborting,
+    hides them. (return code, stdout, stderr)"""
+    return run_tensorflow_child(POOL_CHECK + BORROW_CHECK, "import-only")
 
 
 @pytest.mark.parametrize(
@@ -130,7 +134,7 @@ print(imported, os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"), asked, len(caught),
         (None, "tensor-first", None, None, None),  # too late: TensorFlow has chosen already
     ],
 )
-def test_pooled_host_memory_is_opt_in(setting, order, variable, answer, pooled):
+def test_pooled_host_memory_is_opt_in(request, setting, order, variable, answer, pooled):
     """`import keras_sd` leaves TensorFlow's allocator alone; `use_pooled_host_memory`
     before TensorFlow's first tensor selects the pooling CPU allocator unless the user
     chose, and warns when it is too late; `host_memory_pooled` tells whether freed
@@ -140,8 +144,14 @@ def test_pooled_host_memory_is_opt_in(setting, order, variable, answer, pooled):
     except in builds whose oneDNN allocator pools by itself (seen on CPUs with
     AVX-512), so those cases check agreement with the page faults, not a fixed answer.
     """
-    out = run_tensorflow_child(POOL_CHECK, order, allocator=setting)
-    imported, after, asked, warned, reported, reused = out.strip().splitlines()[-1].split()
+    if order == "import-only":
+        returncode, out, err = request.getfixturevalue("import_only_child")
+    else:
+        returncode, out, err = run_tensorflow_child(POOL_CHECK, order, allocator=setting)
+        assert returncode == 0, err[-3000:]
+    lines = [line.split()[1:] for line in out.splitlines() if line.startswith("pool ")]
+    assert len(lines) == 1, (out, err[-3000:])
+    imported, after, asked, warned, reported, reused = lines[0]
     assert imported == str(setting) and after == str(variable)
     assert reported == reused
     if pooled is not None:
