@@ -10,7 +10,6 @@ is the weight mapping; the VAE tests measure both ways.
 """
 
 import gc
-from functools import partial
 from types import SimpleNamespace
 
 import keras
@@ -46,7 +45,6 @@ from keras_sd import StableDiffusion  # noqa: E402
 from keras_sd.models import clip_text, unet, vae  # noqa: E402
 from keras_sd.tokenizer import CLIPTokenizer  # noqa: E402
 from keras_sd.weights.keras_cv import (  # noqa: E402
-    COMPONENTS,
     load_keras_cv_weights,
     match_keras_cv,
     read_keras_cv_h5,
@@ -114,7 +112,7 @@ def _error(component, ours, kcv_model, inputs) -> float:
     [
         (
             "text_encoder",
-            None,  # the shared SD 1.x model
+            lambda: kcv_text.TextEncoder(77, download_weights=False),
             lambda: clip_text.CLIPTextEncoder(**clip_text.SD1_CONFIG),
             TOLERANCE,
         ),
@@ -132,12 +130,9 @@ def _error(component, ours, kcv_model, inputs) -> float:
         ),
     ],
 )
-def test_component_matches_keras_cv(keras_cv_sd1, component, build_kcv, build_ours, bound):
-    if build_kcv is None:
-        kcv_model = getattr(keras_cv_sd1, component)
-    else:  # the epsilon's share of the bound is for these weights, not the shared ones
-        kcv_model = build_kcv()
-        randomize_keras_model(kcv_model, seed=3)
+def test_component_matches_keras_cv(component, build_kcv, build_ours, bound):
+    kcv_model = build_kcv()
+    randomize_keras_model(kcv_model, seed=3)
     inputs = _inputs()
     ours = build_ours()
     assert _error(component, ours, kcv_model, inputs) > 0.1  # not yet loaded: far off
@@ -154,8 +149,9 @@ def test_component_matches_keras_cv(keras_cv_sd1, component, build_kcv, build_ou
 
 
 @pytest.mark.parametrize("fmt", ["legacy.h5", "keras3.weights.h5"])
-def test_h5_files_load(keras_cv_sd1, tmp_path, fmt):
-    kcv_model = keras_cv_sd1.decoder
+def test_h5_files_load(tmp_path, fmt):
+    kcv_model = kcv_decoder.Decoder(64, 64, download_weights=False)
+    randomize_keras_model(kcv_model, seed=5)
     path = tmp_path / f"decoder_{fmt}"
     if fmt == "legacy.h5":  # the format of KerasCV's published weights
         import h5py
@@ -177,8 +173,9 @@ def test_h5_files_load(keras_cv_sd1, tmp_path, fmt):
         StableDiffusion.from_checkpoint([path])
 
 
-def test_wrong_component_is_refused(keras_cv_sd1):
-    arrays = [np.asarray(w.numpy()) for w in keras_cv_sd1.image_encoder.weights]
+def test_wrong_component_is_refused():
+    kcv_model = kcv_encoder.ImageEncoder(download_weights=False)
+    arrays = [np.asarray(w.numpy()) for w in kcv_model.weights]
     with pytest.raises(CheckpointError, match="holds 108 weights; a KerasCV decoder"):
         match_keras_cv("decoder", vae.VAEDecoder(**vae.SD1_CONFIG), arrays, "enc.h5")
     swapped = arrays[:2][::-1] + arrays[2:]  # same count, shapes out of order
@@ -199,36 +196,30 @@ class KerasCVUser(StableDiffusion):
     """A user's subclass: loading must return it, not the base class."""
 
 
-def _keras_cv_sd2_components() -> dict:
-    """KerasCV's SD 2.x components from seeded random values (the n-th model from seed
-    n), built without running KerasCV's initializers (their values would be overwritten)."""
-    return random_keras_cv_models(
+def _kcv_components(version: str) -> dict:
+    v2 = version == "sd2"
+    text = kcv_text.TextEncoderV2 if v2 else kcv_text.TextEncoder
+    unet_cls = kcv_unet.DiffusionModelV2 if v2 else kcv_unet.DiffusionModel
+    # Built straight from seeded random values (the n-th model from seed n), without
+    # running KerasCV's initializers first (their values would be overwritten anyway).
+    models = random_keras_cv_models(
         {
-            "text_encoder": lambda: kcv_text.TextEncoderV2(77, download_weights=False),
-            "diffusion_model": lambda: kcv_unet.DiffusionModelV2(
-                64, 64, 77, download_weights=False
-            ),
+            "text_encoder": lambda: text(77, download_weights=False),
+            "diffusion_model": lambda: unet_cls(64, 64, 77, download_weights=False),
             "decoder": lambda: kcv_decoder.Decoder(64, 64, download_weights=False),
             "image_encoder": lambda: kcv_encoder.ImageEncoder(download_weights=False),
         },
         std=0.02,
     )
-
-
-def _reference_epsilon_and_gelu(models: dict, monkeypatch, v2: bool) -> None:
-    """The reference SD's VAE epsilon and exact GELU in KerasCV's models for this test
-    (monkeypatch sets them back: the SD 1.x models are shared with other tests), so that
-    only the weight mapping differs."""
-    monkeypatch.setattr(kcv_unet.GEGLU, "call", _exact_gelu_geglu)
+    # The reference SD's VAE epsilon and OpenCLIP's exact GELU, so only the mapping differs.
     for name in ("decoder", "image_encoder"):
         for layer in models[name]._flatten_layers():
             if isinstance(layer, keras.layers.GroupNormalization):
-                monkeypatch.setattr(layer, "epsilon", 1e-6)
-    for layer in models["text_encoder"]._flatten_layers():  # OpenCLIP's GELU is exact
+                layer.epsilon = 1e-6
+    for layer in models["text_encoder"]._flatten_layers():
         if v2 and isinstance(layer, kcv_text.CLIPEncoderLayer):
-            # Set, not patched: the SD 2.x models are the test's own, and a patch would
-            # keep their layers (and weights) alive until the test ends.
-            layer.activation = partial(keras.ops.gelu, approximate=False)
+            layer.activation = lambda x: keras.ops.gelu(x, approximate=False)
+    return models
 
 
 def _all_errors(sd, expected, inputs) -> dict:
@@ -238,17 +229,18 @@ def _all_errors(sd, expected, inputs) -> dict:
     }
 
 
-def _check_full_model(version: str, kcv_models: dict, tmp_path, monkeypatch) -> None:
-    """`from_keras_cv` and the legacy .h5 files of KerasCV's full `kcv_models` give their
-    outputs. The caller's dict is emptied: models built for one test go with conversion."""
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_full_keras_cv_model_converts_and_h5_files_load(tmp_path, monkeypatch, version):
     import h5py
     import keras_cv
 
+    kcv_models = _kcv_components(version)
     context_dim = unet.SD2_CONFIG if version == "sd2" else unet.SD1_CONFIG
     inputs = _inputs(
         context_dim["cross_attention_dim"], "!" if version == "sd2" else "<|endoftext|>"
     )
-    _reference_epsilon_and_gelu(kcv_models, monkeypatch, version == "sd2")
+    monkeypatch.setattr(kcv_unet.GEGLU, "call", _exact_gelu_geglu)
     expected = {c: np.asarray(_outputs(c, m, True, inputs)) for c, m in kcv_models.items()}
     paths = []
     for component, model in kcv_models.items():
@@ -264,10 +256,14 @@ def _check_full_model(version: str, kcv_models: dict, tmp_path, monkeypatch) -> 
         setattr(kcv_sd, f"_{component}", model)
     converted = KerasCVUser.from_keras_cv(kcv_sd)
     assert type(converted) is KerasCVUser  # subclasses load as themselves
-    del kcv_sd, model
-    kcv_models.clear()
+    del kcv_sd, kcv_models
     gc.collect()
-    errors = _all_errors(converted, expected, inputs)
+    errors = {
+        c: max_abs_normalized_error(
+            np.asarray(_outputs(c, getattr(converted, c), False, inputs)), e
+        )
+        for c, e in expected.items()
+    }
     print(f"{version} from_keras_cv: {errors}")
     assert (converted.img_width, converted.img_height) == (128, 128)
     assert converted.scheduler.prediction_type == "epsilon"
@@ -285,15 +281,3 @@ def _check_full_model(version: str, kcv_models: dict, tmp_path, monkeypatch) -> 
     print(f"{version} h5 files: {h5_errors}")
     for found in (errors, h5_errors):
         assert max(found.values()) < TOLERANCE, found
-
-
-@pytest.mark.slow
-def test_full_keras_cv_sd1_converts_and_h5_files_load(keras_cv_sd1, tmp_path, monkeypatch):
-    """On the KerasCV SD 1.x models the component tests share (conftest.py)."""
-    kcv_models = {c: getattr(keras_cv_sd1, c) for c in COMPONENTS}
-    _check_full_model("sd1", kcv_models, tmp_path, monkeypatch)
-
-
-@pytest.mark.slow
-def test_full_keras_cv_sd2_converts_and_h5_files_load(tmp_path, monkeypatch):
-    _check_full_model("sd2", _keras_cv_sd2_components(), tmp_path, monkeypatch)
