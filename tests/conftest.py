@@ -81,9 +81,10 @@ def randomize_torch_module(module, seed: int = 0, std: float = 0.05) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * std
-            is_norm_scale = param.ndim == 1 and "norm" in name and name.endswith("weight")
-            param.copy_(1.0 + noise if is_norm_scale else noise)
+            # In place, with randn's draws (normal_ rounds small tensors otherwise).
+            torch.randn(param.shape, generator=gen, out=param.data).mul_(std)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.add_(1.0)
 
 
 # torch.nn.init functions that modules' constructors fill their parameters with.
@@ -121,23 +122,15 @@ def torch_init_skipped():
 
 
 def random_torch_model(build, seed: int = 0, std: float = 0.05):
-    """`build()` (a PyTorch module) with seeded random parameters, as
-    `randomize_torch_module` gives them (same generator, order and draws; a tensor under
-    16 values may differ in its last bit, as PyTorch scales those draws in float64).
+    """`build()` (a PyTorch module) with `randomize_torch_module`'s seeded random
+    parameters.
 
     The constructor's own initialization is skipped: at full size its values cost as much
-    as the random ones that overwrite them. Each parameter is filled in place.
+    as the random ones that overwrite them.
     """
-    import torch
-
     with torch_init_skipped():
         module = build()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            param.normal_(0.0, std, generator=gen)
-            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
-                param.add_(1.0)
+    randomize_torch_module(module, seed, std)
     return module
 
 
