@@ -411,6 +411,17 @@ def _seed_everything():
     np.random.seed(0)
 
 
+@pytest.fixture
+def fresh_programs():
+    """No shared compiled program before or after the test: its pipelines trace their
+    own (for tests that count traces or patch code that runs while tracing)."""
+    from keras_sd import backend
+
+    backend.clear_shared_programs()
+    yield
+    backend.clear_shared_programs()
+
+
 def _record_calls(monkeypatch, name: str) -> list:
     """Records the input shape of each call of the convolution `conv.<name>` by a
     layer (at trace time when compiled)."""
@@ -428,13 +439,13 @@ def _record_calls(monkeypatch, name: str) -> list:
 
 
 @pytest.fixture
-def winograd_calls(monkeypatch):
+def winograd_calls(monkeypatch, fresh_programs):
     """Input shapes of the Winograd convolutions layers ran (`conv.winograd_conv3x3`)."""
     return _record_calls(monkeypatch, "winograd_conv3x3")
 
 
 @pytest.fixture
-def gemm_calls(monkeypatch):
+def gemm_calls(monkeypatch, fresh_programs):
     """Input shapes of the GEMM convolutions layers ran (`conv.gemm_conv3x3`)."""
     return _record_calls(monkeypatch, "gemm_conv3x3")
 

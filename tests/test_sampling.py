@@ -29,7 +29,7 @@ def sd(pipelines):
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_new_prompt_seed_or_guidance_does_not_retrace(pipelines, jit_compile):
+def test_new_prompt_seed_or_guidance_does_not_retrace(pipelines, jit_compile, fresh_programs):
     sd = pipelines(jit_compile)
     traces = sd.sampler.trace_count
     first = sd.text_to_image("a red circle", num_steps=3, seed=1, progress=False)

@@ -200,9 +200,7 @@ class StableDiffusion(ImageWorkflows, TextualInversionMixin):
 
     def _stateless_program(self, role: str):
         model = getattr(self, role)
-        program = self._program(
-            role, model, lambda: backend.compile_function(backend.stateless(model), self._jit())
-        )
+        program = self._program(role, model, lambda: backend.shared_stateless(model, self._jit()))
         return program, backend.model_state(model)
 
     # ------------------------------------------------------------------ helpers

@@ -5,21 +5,24 @@ unconditional and conditional halves stacked into one batch, guidance, the
 scheduler update and, for inpainting, re-blending the known region) runs inside
 `keras.ops.fori_loop` in a single compiled function: no Python per step and no
 host round-trip. The loop carries the scheduler's state (`init_state`: the
-sample, plus earlier outputs for multistep solvers). Programs are cached per
-scheduler class and configuration and per mode; within one, the backend caches a
-trace per input shape, so a new prompt, seed, guidance scale or image-to-image
-strength (a start index into the full schedule) reuses the program and only a new
-batch size, image size or step count traces again.
+sample, plus earlier outputs for multistep solvers). Programs are kept per UNet
+architecture, scheduler class and configuration and mode, and shared by every sampler
+in the process (`keras_sd.backend.programs`); within one, the backend caches a trace
+per input shape, so a new prompt, seed, guidance scale, image-to-image strength (a
+start index into the full schedule) or UNet of the same architecture reuses the
+program and only a new batch size, image size or step count traces again.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 from keras import ops
 
 from keras_sd import backend
+from keras_sd.backend import programs
 
 
 class Sampler:
@@ -40,8 +43,7 @@ class Sampler:
         backend.validate_jit_compile(jit_compile)
         self.unet = unet
         self.jit_compile = jit_compile
-        self.trace_count = 0  # incremented only while a program is being traced
-        self._programs = {}
+        self.trace_count = 0  # traces this sampler's calls made
         # Compiled programs call this trampoline, so a new callback needs no retrace.
         self._callback = None
 
@@ -104,6 +106,8 @@ class Sampler:
         in_program = callback is not None and backend.supports_step_callback(self.jit_compile)
         from_host = callback is not None and not in_program
         key = (
+            "sampler",
+            programs.architecture_key(self.unet),
             type(scheduler),
             json.dumps(scheduler.get_config(), sort_keys=True, default=str),
             guided,
@@ -111,11 +115,8 @@ class Sampler:
             tuple(sorted(inpaint)),
             in_program,
         )
-        if key not in self._programs:
-            self._programs[key] = backend.compile_function(
-                self._loop_fn(scheduler, guided, report=in_program), self.jit_compile
-            )
-        program = self._programs[key]
+        build = partial(_loop_fn, scheduler=scheduler, guided=guided, report=in_program)
+        program = programs.shared_program(key, build, self.jit_compile)
         tables = {k: ops.convert_to_tensor(v) for k, v in schedule.items()}
         steps = len(schedule["timesteps"])
         chunk = _host_chunk(steps - first) if from_host else steps - first
@@ -127,6 +128,7 @@ class Sampler:
             for start in range(first, steps, chunk):
                 stop = min(start + chunk, steps)
                 loop_state = program(
+                    self,
                     weights,
                     loop_state,
                     context,
@@ -147,43 +149,53 @@ class Sampler:
         if self._callback is not None:
             self._callback(step)
 
-    def _loop_fn(self, scheduler, guided, report):
-        unet_call = backend.stateless(self.unet)
 
-        def loop(weights, loop_state, context, guidance, tables, step_noise, inpaint, start, stop):
-            self.trace_count += 1
-            timesteps = tables["timesteps"]
-            num_steps = timesteps.shape[0]
+def _loop_fn(owner, scheduler, guided, report):
+    """The denoising loop of the sampler `owner()` (the one calling), as a function of
+    the UNet's weights."""
 
-            def body(i, loop_state):
-                x = loop_state["sample"]  # [B, h, w, C] float32
-                model_in = scheduler.scale_model_input(x, i, tables)
-                if "masked_image_latents" in inpaint:
-                    model_in = ops.concatenate(
-                        [model_in, inpaint["mask"], inpaint["masked_image_latents"]], axis=-1
-                    )
-                if guided:
-                    model_in = ops.concatenate([model_in, model_in], axis=0)  # [2B, h, w, C']
-                t = ops.broadcast_to(ops.take(timesteps, i), (model_in.shape[0],))
-                eps = ops.cast(unet_call(weights, model_in, t, context), "float32")
-                if guided:
-                    eps_uncond, eps_cond = ops.split(eps, 2, axis=0)
-                    eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-                noise = None if step_noise is None else ops.take(step_noise, i, axis=0)
-                loop_state = scheduler.step(loop_state, eps, i, tables, noise=noise)
-                if "image_latents" in inpaint:
-                    x = _blend_known(
-                        scheduler, loop_state["sample"], i, timesteps, num_steps, inpaint
-                    )
-                    loop_state = {**loop_state, "sample": x}
-                if report:  # in-program reporting runs the whole loop in one call
-                    after = loop_state["sample"][:1, :1, :1, :1]
-                    backend.step_callback(self._report, i - start, after)
-                return loop_state
+    def loop(weights, loop_state, context, guidance, tables, step_noise, inpaint, start, stop):
+        sampler = owner()
+        sampler.trace_count += 1
+        unet_call = backend.stateless(sampler.unet)
+        timesteps = tables["timesteps"]
+        num_steps = timesteps.shape[0]
+        report_step = partial(_report, owner)
 
-            return ops.fori_loop(start, stop, body, loop_state)
+        def body(i, loop_state):
+            x = loop_state["sample"]  # [B, h, w, C] float32
+            model_in = scheduler.scale_model_input(x, i, tables)
+            if "masked_image_latents" in inpaint:
+                model_in = ops.concatenate(
+                    [model_in, inpaint["mask"], inpaint["masked_image_latents"]], axis=-1
+                )
+            if guided:
+                model_in = ops.concatenate([model_in, model_in], axis=0)  # [2B, h, w, C']
+            t = ops.broadcast_to(ops.take(timesteps, i), (model_in.shape[0],))
+            eps = ops.cast(unet_call(weights, model_in, t, context), "float32")
+            if guided:
+                eps_uncond, eps_cond = ops.split(eps, 2, axis=0)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            noise = None if step_noise is None else ops.take(step_noise, i, axis=0)
+            loop_state = scheduler.step(loop_state, eps, i, tables, noise=noise)
+            if "image_latents" in inpaint:
+                x = _blend_known(scheduler, loop_state["sample"], i, timesteps, num_steps, inpaint)
+                loop_state = {**loop_state, "sample": x}
+            if report:  # in-program reporting runs the whole loop in one call
+                after = loop_state["sample"][:1, :1, :1, :1]
+                backend.step_callback(report_step, i - start, after)
+            return loop_state
 
-        return loop
+        return ops.fori_loop(start, stop, body, loop_state)
+
+    return loop
+
+
+def _report(owner, step: int) -> None:
+    """Pass a step to the progress callback of the sampler whose call is running."""
+    sampler = owner()
+    if sampler is not None:
+        sampler._report(step)
 
 
 def _host_chunk(steps: int) -> int:

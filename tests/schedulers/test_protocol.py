@@ -116,7 +116,7 @@ def test_multistep_state_runs_in_the_compiled_loop_on_jax(jax_results):  # noqa:
     check(task_result(jax_results, "protocol"))
 
 
-def test_own_parameter_is_part_of_the_program_key():
+def test_own_parameter_is_part_of_the_program_key(fresh_programs):
     sd = StableDiffusion(32, 32, jit_compile=True, config="tiny")
     latents = np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32)
     context = sd.encode_text("a red circle")

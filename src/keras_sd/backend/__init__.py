@@ -8,6 +8,7 @@
 - `memory`: host memory a backend uses without a copy, TensorFlow's pooling allocator
   (opt-in: `use_pooled_host_memory`).
 - `cache`: compiled XLA programs kept on disk.
+- `programs`: compiled programs shared by the models of one architecture in a process.
 
 The names below are the public API (`keras_sd.backend.compile_function`, ...). Tests
 that replace a function used inside this package patch its defining module.
@@ -45,6 +46,14 @@ from keras_sd.backend.memory import (
     host_memory_pooled,
     use_pooled_host_memory,
 )
+from keras_sd.backend.programs import (
+    architecture_key,
+    clear_shared_programs,
+    register_shareable,
+    register_trace_setting,
+    shared_program,
+    shared_stateless,
+)
 
 __all__ = [
     "COMPILE_CACHE_VARIABLE",
@@ -53,7 +62,9 @@ __all__ = [
     "XLA_CPU_MIN_PARAMS",
     "adopt_numpy",
     "aligned_empty",
+    "architecture_key",
     "borrow_numpy",
+    "clear_shared_programs",
     "compile_function",
     "cpu_native_dtypes",
     "default_compile_cache_dir",
@@ -64,7 +75,11 @@ __all__ = [
     "host_memory_pooled",
     "model_state",
     "no_grad",
+    "register_shareable",
+    "register_trace_setting",
     "resolve_jit_compile",
+    "shared_program",
+    "shared_stateless",
     "softmax_computes_in_float32",
     "stateless",
     "step_callback",

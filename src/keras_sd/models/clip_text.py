@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_sd import backend
 from keras_sd.models import validation
 from keras_sd.models.attention import dot_product_attention
 
@@ -171,6 +172,7 @@ class CLIPEncoderLayer(layers.Layer):
         return config
 
 
+@backend.register_shareable
 @keras.saving.register_keras_serializable(package="keras_sd")
 class CLIPTextEncoder(keras.Model):
     """CLIP text transformer returning the final-layer-norm hidden states.

@@ -63,6 +63,9 @@ def set_conv_algorithm(algorithm: str) -> str:
     return previous
 
 
+backend.register_trace_setting(lambda: _conv_algorithm["value"])
+
+
 def _f23_data(d0, d1, d2, d3):
     """Winograd F(2, 3) input transform (B^T d) along one axis."""
     return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]

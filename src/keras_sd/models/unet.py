@@ -17,6 +17,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from keras_sd import backend
 from keras_sd.models import validation
 from keras_sd.models.layers import (
     Downsample2D,
@@ -69,6 +70,7 @@ def _per_level(value, levels: int, name: str) -> tuple:
     return values
 
 
+@backend.register_shareable
 @keras.saving.register_keras_serializable(package="keras_sd")
 class UNet(keras.Model):
     """Noise-prediction UNet of Stable Diffusion 1.x / 2.x (diffusers `UNet2DConditionModel`).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from keras_sd import backend
 from keras_sd.models import validation
 from keras_sd.models.layers import (
     Downsample2D,
@@ -188,6 +189,7 @@ class _VAEBase(keras.Model):
         }
 
 
+@backend.register_shareable
 @keras.saving.register_keras_serializable(package="keras_sd")
 class VAEEncoder(_VAEBase):
     """Image -> latent distribution (diffusers `Encoder` + `quant_conv`).
@@ -269,6 +271,7 @@ class VAEEncoder(_VAEBase):
         return self.quant_conv(x)
 
 
+@backend.register_shareable
 @keras.saving.register_keras_serializable(package="keras_sd")
 class VAEDecoder(_VAEBase):
     """Latents -> image (`post_quant_conv` + diffusers `Decoder`).
