@@ -9,6 +9,9 @@ one child: the session fixture `jax_results` runs every task and each test asser
 its own values from `task_result(jax_results, name)`. The tests that use it share
 the xdist group JAX_GROUP, so one worker runs the child once.
 
+The tasks' random tiny models come from `random_tiny_sd` (numpy draws instead of
+Keras' initializers, which on JAX compile a program per weight shape).
+
 Run as a script (`python backend_children.py TASK...`) it runs the named tasks on
 the backend in KERAS_BACKEND and prints {task: {"result": ...} or {"error": ...}}
 as JSON on its last line.

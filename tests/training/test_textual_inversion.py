@@ -18,6 +18,7 @@ TABLE = "embeddings-token_embedding/embeddings"
 
 
 def tiny_sd():
+    keras.utils.set_random_seed(0)  # the training's noise and timesteps
     return random_tiny_sd(64, 64, jit_compile=False)
 
 
