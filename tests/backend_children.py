@@ -9,6 +9,9 @@ one child: the session fixture `jax_results` runs every task and each test asser
 its own values from `task_result(jax_results, name)`. The tests that use it share
 the xdist group JAX_GROUP, so one worker runs the child once.
 
+The tasks' random tiny models come from `random_tiny_sd` (numpy draws instead of
+Keras' initializers, which on JAX compile a program per weight shape).
+
 Run as a script (`python backend_children.py TASK...`) it runs the named tasks on
 the backend in KERAS_BACKEND and prints {task: {"result": ...} or {"error": ...}}
 as JSON on its last line.
@@ -48,6 +51,65 @@ def _load(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def initializer_draw(variable, rng):
+    """A numpy draw from the distribution of `variable`'s Keras initializer.
+
+    On JAX each initializer compiles a random program per weight shape, which costs
+    more than a tiny model's whole use; numpy draws the same distributions for free.
+    """
+    import keras
+    import numpy as np
+    from keras.src.initializers.random_initializers import compute_fans
+
+    init, shape = variable._initializer, tuple(variable.shape)
+    if isinstance(init, keras.initializers.Zeros):
+        value = np.zeros(shape)
+    elif isinstance(init, keras.initializers.Ones):
+        value = np.ones(shape)
+    elif isinstance(init, keras.initializers.RandomUniform):
+        value = rng.uniform(init.minval, init.maxval, shape)
+    elif isinstance(init, keras.initializers.VarianceScaling) and init.distribution == "uniform":
+        fan_in, fan_out = compute_fans(shape, init.input_axes, init.output_axes)
+        fan = {"fan_in": fan_in, "fan_out": fan_out}.get(init.mode, (fan_in + fan_out) / 2)
+        limit = np.sqrt(3.0 * init.scale / max(1.0, fan))
+        value = rng.uniform(-limit, limit, shape)
+    else:
+        raise TypeError(f"no numpy draw for {variable.path}'s {type(init).__name__}")
+    return value.astype(variable.dtype)
+
+
+def built_from_values(build, value) -> dict:
+    """`build()`'s models (a dict) with each variable created from `value(variable)`,
+    called in the order of the models' weights: Keras' initializers never run."""
+    import keras
+
+    from keras_sd.weights import deferred
+
+    with keras.StatelessScope(initialize_variables=False):
+        models = build()
+    pairs = [(v, lambda v=v: value(v)) for model in models.values() for v in model.weights]
+    deferred.initialize_deferred(models.values(), pairs)
+    return models
+
+
+def random_tiny_sd(img_height: int, img_width: int, seed: int = 0, **kwargs):
+    """`StableDiffusion(img_height, img_width, config="tiny", **kwargs)` with
+    `initializer_draw`'s values from a numpy generator seeded with `seed`."""
+    import numpy as np
+
+    from keras_sd import StableDiffusion
+    from keras_sd.presets import resolve_model_config
+    from keras_sd.weights.deferred import MODELS, build_model
+
+    config = resolve_model_config("tiny")
+    rng = np.random.default_rng(seed)
+    models = built_from_values(
+        lambda: {attr: build_model(attr, config) for attr in MODELS},
+        lambda v: initializer_draw(v, rng),
+    )
+    return StableDiffusion(img_height, img_width, config="tiny", **models, **kwargs)
 
 
 def _construction() -> dict:

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 
+from backend_children import built_from_values, random_tiny_sd
 from keras_sd import DDIMScheduler, StableDiffusion
 from keras_sd.models.unet import UNet
 from keras_sd.schedulers import scheduler_names
@@ -19,7 +20,7 @@ class MySD(StableDiffusion):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return StableDiffusion(32, 32, config="tiny", jit_compile=False)
+    return random_tiny_sd(32, 32, jit_compile=False)
 
 
 @pytest.fixture
@@ -68,9 +69,11 @@ def test_assigned_unet_is_used_on_the_next_call(tiny):
     kwargs = dict(num_steps=2, seed=4, progress=False)
     before = tiny.text_to_image("a red circle", **kwargs)
     original = tiny.diffusion_model
-    other = UNet(**tiny.config["unet"])
-    for variable in other.weights:  # different random weights, same architecture
-        variable.assign(np.random.default_rng(5).normal(0, 0.05, variable.shape))
+    # Different random weights, same architecture.
+    other = built_from_values(
+        lambda: {"unet": UNet(**tiny.config["unet"])},
+        lambda v: np.random.default_rng(5).normal(0, 0.05, v.shape).astype(v.dtype),
+    )["unet"]
     try:
         tiny.diffusion_model = other
         after = tiny.text_to_image("a red circle", **kwargs)
@@ -86,12 +89,12 @@ def test_assigned_encoder_or_decoder_is_used_on_the_next_call(tiny, component):
     kwargs = dict(num_steps=2, seed=4, progress=False)
     before = tiny.text_to_image("a red circle", **kwargs)
     original = getattr(tiny, component)
-    replacement = type(original).from_config(original.get_config())
-    # Unseeded initialisers can repeat the original's weights (the seed fixture
-    # reseeds Python's RNG per test), so the replacement's weights are moved apart.
-    rng = np.random.default_rng(5)
-    for variable, weight in zip(replacement.weights, original.get_weights(), strict=True):
-        variable.assign(weight + rng.normal(0, 0.1, weight.shape).astype(weight.dtype))
+    # The replacement's weights are the original's moved apart.
+    rng, weights = np.random.default_rng(5), iter(original.get_weights())
+    replacement = built_from_values(
+        lambda: {component: type(original).from_config(original.get_config())},
+        lambda v: next(weights) + rng.normal(0, 0.1, v.shape).astype(v.dtype),
+    )[component]
     try:
         setattr(tiny, component, replacement)
         after = tiny.text_to_image("a red circle", **kwargs)
@@ -101,7 +104,8 @@ def test_assigned_encoder_or_decoder_is_used_on_the_next_call(tiny, component):
 
 
 def test_assigned_scheduler_is_used_on_the_next_call(tiny, eager_on_tensorflow):
-    kwargs = dict(num_steps=3, seed=4, progress=False)
+    # The other tests' step count: on JAX their compiled loop serves both schedulers.
+    kwargs = dict(num_steps=2, seed=4, progress=False)
     before = tiny.text_to_image("a red circle", **kwargs)
     original = tiny.scheduler
     try:
@@ -144,7 +148,11 @@ def test_added_token_without_embedding_row_is_refused(tiny):
 
     tokenizer = CLIPTokenizer()
     tokenizer.add_tokens(["<new-thing>"])
-    sd = StableDiffusion(32, 32, config="tiny", tokenizer=tokenizer)
+    parts = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
+    # The tiny model's components: what is checked is the tokenizer's.
+    sd = StableDiffusion(
+        32, 32, config="tiny", tokenizer=tokenizer, **{p: getattr(tiny, p) for p in parts}
+    )
     with pytest.raises(ValueError, match="token embeddings"):
         sd.encode_text("a <new-thing>")
     assert sd.encode_text("a red circle").shape[1] == 77

@@ -63,11 +63,27 @@ def checked_comparison(ours, reference) -> dict:
     return compare(ours, reference)
 
 
+def build_ours_from_loaded_values(pipe, **sd_kwargs):
+    """`build_ours(pipe, **sd_kwargs)` with each variable created from the value the
+    loader assigns it: the initializers (on JAX a random program per weight shape),
+    whose values the loader would overwrite, never run."""
+    import keras
+
+    from keras_sd.weights import deferred
+
+    with keras.StatelessScope(initialize_variables=False) as scope:
+        sd = build_ours(pipe, **sd_kwargs)  # the loader's assignments are kept in `scope`
+    models = [getattr(sd, attr) for attr in deferred.MODELS]
+    pairs = [(v, lambda v=v: scope.get_current_value(v)) for m in models for v in m.weights]
+    deferred.initialize_deferred(models, pairs)
+    return sd
+
+
 def run_comparison(tmp_path, negative_prompt=None, guidance=7.5, **sd_kwargs) -> dict:
     """Builds both pipelines and compares them (the script mode's whole check)."""
     pipe = build_reference(tmp_path)
     reference = reference_images(pipe, initial_latents(), negative_prompt, guidance)
-    ours = our_images(build_ours(pipe, **sd_kwargs), negative_prompt, guidance)
+    ours = our_images(build_ours_from_loaded_values(pipe, **sd_kwargs), negative_prompt, guidance)
     return checked_comparison(ours, reference)
 
 

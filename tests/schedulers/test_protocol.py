@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from backend_children import JAX_GROUP, jax_results, task_result  # noqa: F401
+from backend_children import JAX_GROUP, jax_results, random_tiny_sd, task_result  # noqa: F401
 from keras_sd import DDIMScheduler, StableDiffusion, backend
 from keras_sd.schedulers.base import take_step_constant
 
@@ -84,7 +84,7 @@ def numpy_loop(unet, scheduler, latents, context, num_steps):
 
 
 def compare(jit_compile=True) -> dict:
-    sd = StableDiffusion(32, 32, jit_compile=jit_compile, config="tiny")
+    sd = random_tiny_sd(32, 32, jit_compile=jit_compile)
     latents = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
     context = sd.encode_text(["a red circle", "a blue square"])
     scheduler = AdamsBashforthDDIM()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend_children import JAX_GROUP, jax_results, task_result  # noqa: F401
+from backend_children import JAX_GROUP, jax_results, random_tiny_sd, task_result  # noqa: F401
 from keras_sd import StableDiffusion
 from keras_sd.training import TextualInversionTrainer, textual_inversion_dataset
 
@@ -18,8 +18,8 @@ TABLE = "embeddings-token_embedding/embeddings"
 
 
 def tiny_sd():
-    keras.utils.set_random_seed(0)
-    return StableDiffusion(64, 64, config="tiny", jit_compile=False)
+    keras.utils.set_random_seed(0)  # the training's noise and timesteps
+    return random_tiny_sd(64, 64, jit_compile=False)
 
 
 def weights_of(sd) -> dict:
