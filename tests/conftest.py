@@ -74,28 +74,32 @@ if os.environ.get("KERAS_SD_KERAS_CV_FULL") != "1":
 _NORMAL_POOL_LENGTH = 16_777_259
 
 
-@functools.cache
-def _normal_pool() -> np.ndarray:
-    return np.random.default_rng(_NORMAL_POOL_LENGTH).standard_normal(
+@functools.lru_cache(maxsize=1)  # one pool-sized array held at a time
+def _normal_pool(dtype: np.dtype, std: float) -> np.ndarray:
+    """The seeded normal(0, std) pool, rounded once to `dtype` (numpy's float16 casts are
+    slow per value)."""
+    pool = np.random.default_rng(_NORMAL_POOL_LENGTH).standard_normal(
         _NORMAL_POOL_LENGTH, np.float32
     )
+    pool *= np.float32(std)
+    return pool.astype(dtype, copy=False)
 
 
 def fill_pooled_normal(out: np.ndarray, rng, std: float) -> None:
-    """Write seeded normal(0, std) float32 values into the contiguous array `out`: the
-    values of one standard-normal pool from a start `rng` draws, wrapping around it.
+    """Write seeded normal(0, std) values into the contiguous array `out`: the values of
+    one pool from a start `rng` draws, wrapping around it.
 
     A copy instead of a draw per value, for full-size models (a billion values): each
     tensor's values are random and another tensor's start elsewhere in the pool, so a
     swapped, transposed or misplaced weight still changes the outputs.
     """
-    pool = _normal_pool()
+    pool = _normal_pool(out.dtype, float(std))
     flat = out.view()
     flat.shape = (-1,)  # raises where `out` is not contiguous (a reshape would copy)
     start, filled = int(rng.integers(len(pool))), 0
     while filled < flat.size:
         chunk = pool[start : start + flat.size - filled]
-        np.multiply(chunk, np.float32(std), out=flat[filled : filled + chunk.size])
+        flat[filled : filled + chunk.size] = chunk
         start, filled = 0, filled + chunk.size
 
 
@@ -118,8 +122,27 @@ def randomize_torch_module(module, seed: int = 0, std: float = 0.05, pooled=Fals
                 fill_pooled_normal(param.data.numpy(), rng, std)
             else:  # in place, with randn's draws (normal_ rounds small tensors otherwise)
                 torch.randn(param.shape, generator=gen, out=param.data).mul_(std)
-            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+            if _is_norm_scale(name, param.shape):
                 param.add_(1.0)
+
+
+def _is_norm_scale(name: str, shape) -> bool:
+    return len(shape) == 1 and "norm" in name and name.endswith("weight")
+
+
+def random_torch_state_dict(module, seed: int = 0, std: float = 0.05, dtype="float32") -> dict:
+    """The parameters `randomize_torch_module(module, seed, std, pooled=True)` would give,
+    as numpy arrays of `dtype`, read from the names and shapes alone: `module` can be
+    built on PyTorch's meta device, with no memory for float32 values it would not keep.
+    """
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, param in module.named_parameters():
+        state[name] = value = np.empty(tuple(param.shape), dtype)
+        fill_pooled_normal(value, rng, std)
+        if _is_norm_scale(name, value.shape):
+            value += value.dtype.type(1.0)
+    return state
 
 
 # torch.nn.init functions that modules' constructors fill their parameters with.
