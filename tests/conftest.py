@@ -103,7 +103,7 @@ def fill_pooled_normal(out: np.ndarray, rng, std: float) -> None:
         start, filled = 0, filled + chunk.size
 
 
-def randomize_torch_module(module, seed: int = 0, std: float = 0.05, pooled=False) -> None:
+def randomize_torch_module(module, seed: int = 0, std: float = 0.05, pooled: bool = False) -> None:
     """Fill every parameter of a PyTorch module with seeded random values.
 
     Default initialisations leave some layers at zero or one (norm scales, some
