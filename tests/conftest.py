@@ -85,6 +85,11 @@ def _normal_pool(dtype: np.dtype, std: float) -> np.ndarray:
     return pool.astype(dtype, copy=False)
 
 
+def _drop_normal_pool() -> None:
+    """Free the pool once a model is filled: a test's peak memory comes later."""
+    _normal_pool.cache_clear()
+
+
 def fill_pooled_normal(out: np.ndarray, rng, std: float) -> None:
     """Write seeded normal(0, std) values into the contiguous array `out`: the values of
     one pool from a start `rng` draws, wrapping around it.
@@ -124,6 +129,7 @@ def randomize_torch_module(module, seed: int = 0, std: float = 0.05, pooled: boo
                 torch.randn(param.shape, generator=gen, out=param.data).mul_(std)
             if _is_norm_scale(name, param.shape):
                 param.add_(1.0)
+    _drop_normal_pool()
 
 
 def _is_norm_scale(name: str, shape) -> bool:
@@ -142,6 +148,7 @@ def random_torch_state_dict(module, seed: int = 0, std: float = 0.05, dtype="flo
         fill_pooled_normal(value, rng, std)
         if _is_norm_scale(name, value.shape):
             value += value.dtype.type(1.0)
+    _drop_normal_pool()
     return state
 
 
@@ -264,6 +271,7 @@ def randomize_keras_model(model, seed: int, std: float = 0.05) -> None:
     rng = np.random.default_rng(seed)
     for weight in model.weights:
         weight.assign(random_weight_value(weight, rng, std))
+    _drop_normal_pool()
 
 
 def random_keras_cv_models(builders: dict, std: float) -> dict:
@@ -289,6 +297,7 @@ def random_keras_cv_models(builders: dict, std: float) -> dict:
             for weight in model.weights
         ]
     deferred.initialize_deferred(models.values(), pairs)
+    _drop_normal_pool()
     return models
 
 
