@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "false")
 
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -68,23 +69,87 @@ if os.environ.get("KERAS_SD_KERAS_CV_FULL") != "1":
     ]
 
 
-def randomize_torch_module(module, seed: int = 0, std: float = 0.05) -> None:
+# A prime length: where a tensor larger than the pool wraps around it, the repeated values
+# do not line up with its rows or channels.
+_NORMAL_POOL_LENGTH = 16_777_259
+
+
+@functools.lru_cache(maxsize=1)  # one pool-sized array held at a time
+def _normal_pool(dtype: np.dtype, std: float) -> np.ndarray:
+    """The seeded normal(0, std) pool, rounded once to `dtype` (numpy's float16 casts are
+    slow per value)."""
+    pool = np.random.default_rng(_NORMAL_POOL_LENGTH).standard_normal(
+        _NORMAL_POOL_LENGTH, np.float32
+    )
+    pool *= np.float32(std)
+    return pool.astype(dtype, copy=False)
+
+
+def _drop_normal_pool() -> None:
+    """Free the pool once a model is filled: a test's peak memory comes later."""
+    _normal_pool.cache_clear()
+
+
+def fill_pooled_normal(out: np.ndarray, rng, std: float) -> None:
+    """Write seeded normal(0, std) values into the contiguous array `out`: the values of
+    one pool from a start `rng` draws, wrapping around it.
+
+    A copy instead of a draw per value, for full-size models (a billion values): each
+    tensor's values are random and another tensor's start elsewhere in the pool, so a
+    swapped, transposed or misplaced weight still changes the outputs.
+    """
+    pool = _normal_pool(out.dtype, float(std))
+    flat = out.view()
+    flat.shape = (-1,)  # raises where `out` is not contiguous (a reshape would copy)
+    start, filled = int(rng.integers(len(pool))), 0
+    while filled < flat.size:
+        chunk = pool[start : start + flat.size - filled]
+        flat[filled : filled + chunk.size] = chunk
+        start, filled = 0, filled + chunk.size
+
+
+def randomize_torch_module(module, seed: int = 0, std: float = 0.05, pooled: bool = False) -> None:
     """Fill every parameter of a PyTorch module with seeded random values.
 
     Default initialisations leave some layers at zero or one (norm scales, some
     output convolutions), which would let a wrong mapping pass unnoticed; random
     values everywhere make each weight matter. Norm scales stay near one so
-    activations keep a sane size.
+    activations keep a sane size. `pooled`: values from `fill_pooled_normal` (full-size
+    models), not randn's draws.
     """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            # In place, with randn's draws (normal_ rounds small tensors otherwise).
-            torch.randn(param.shape, generator=gen, out=param.data).mul_(std)
-            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+            if pooled:  # the parameter's own memory, through numpy
+                fill_pooled_normal(param.data.numpy(), rng, std)
+            else:  # in place, with randn's draws (normal_ rounds small tensors otherwise)
+                torch.randn(param.shape, generator=gen, out=param.data).mul_(std)
+            if _is_norm_scale(name, param.shape):
                 param.add_(1.0)
+    _drop_normal_pool()
+
+
+def _is_norm_scale(name: str, shape) -> bool:
+    return len(shape) == 1 and "norm" in name and name.endswith("weight")
+
+
+def random_torch_state_dict(module, seed: int = 0, std: float = 0.05, dtype="float32") -> dict:
+    """The parameters `randomize_torch_module(module, seed, std, pooled=True)` would give,
+    as numpy arrays of `dtype`, read from the names and shapes alone: `module` can be
+    built on PyTorch's meta device, with no memory for float32 values it would not keep.
+    """
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, param in module.named_parameters():
+        state[name] = value = np.empty(tuple(param.shape), dtype)
+        fill_pooled_normal(value, rng, std)
+        if _is_norm_scale(name, value.shape):
+            value += value.dtype.type(1.0)
+    _drop_normal_pool()
+    return state
 
 
 # torch.nn.init functions that modules' constructors fill their parameters with.
@@ -122,15 +187,15 @@ def torch_init_skipped():
 
 
 def random_torch_model(build, seed: int = 0, std: float = 0.05):
-    """`build()` (a PyTorch module) with `randomize_torch_module`'s seeded random
-    parameters.
+    """`build()` (a PyTorch module, often full size) with `randomize_torch_module`'s
+    seeded random parameters, from the normal pool.
 
     The constructor's own initialization is skipped: at full size its values cost as much
     as the random ones that overwrite them.
     """
     with torch_init_skipped():
         module = build()
-    randomize_torch_module(module, seed, std)
+    randomize_torch_module(module, seed, std, pooled=True)
     return module
 
 
@@ -192,9 +257,13 @@ _KERAS_CV_FIXTURES = {"keras_cv_drop_in": "drop_in", "keras_cv_sd1": "sd1"}
 
 
 def random_weight_value(weight, rng, std: float) -> np.ndarray:
-    """Seeded random values for one Keras weight (norm scales near one)."""
-    noise = rng.standard_normal(tuple(weight.shape), np.float32) * np.float32(std)
-    return 1.0 + noise if weight.path.endswith("gamma") else noise
+    """Seeded random values (`fill_pooled_normal`'s: KerasCV's models are full size) for
+    one Keras weight (norm scales near one)."""
+    value = np.empty(tuple(weight.shape), np.float32)
+    fill_pooled_normal(value, rng, std)
+    if weight.path.endswith("gamma"):
+        value += np.float32(1.0)
+    return value
 
 
 def randomize_keras_model(model, seed: int, std: float = 0.05) -> None:
@@ -202,6 +271,7 @@ def randomize_keras_model(model, seed: int, std: float = 0.05) -> None:
     rng = np.random.default_rng(seed)
     for weight in model.weights:
         weight.assign(random_weight_value(weight, rng, std))
+    _drop_normal_pool()
 
 
 def random_keras_cv_models(builders: dict, std: float) -> dict:
@@ -227,6 +297,7 @@ def random_keras_cv_models(builders: dict, std: float) -> dict:
             for weight in model.weights
         ]
     deferred.initialize_deferred(models.values(), pairs)
+    _drop_normal_pool()
     return models
 
 
