@@ -7,6 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's default host allocator, not the pool the keras-sd command asks for: a pool
 # keeps its peak for the whole worker, and the full-size tests' peaks then add up past RAM.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "false")
+# With oneDNN on (x86), TensorFlow's oneDNN ops pool host memory in an allocator of their
+# own unless told to use the system's: that pool kept ~9 GB after a full-size test.
+os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "true")
 
 import atexit  # noqa: E402
 import contextlib  # noqa: E402

@@ -70,6 +70,7 @@ def run_tensorflow_child(script: str, *argv: str, allocator: str | None = None):
     `allocator` sets TF_CPU_ALLOCATOR_USE_BFC; None leaves it unset."""
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    env.pop("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", None)  # the test session's, not a user's
     if allocator is not None:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = allocator
     run = subprocess.run(
