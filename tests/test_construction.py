@@ -9,6 +9,7 @@ from backend_children import built_from_values, random_tiny_sd
 from keras_sd import DDIMScheduler, StableDiffusion
 from keras_sd.models.unet import UNet
 from keras_sd.schedulers import scheduler_names
+from keras_sd.weights.deferred import MODELS
 
 
 class MySD(StableDiffusion):
@@ -148,10 +149,9 @@ def test_added_token_without_embedding_row_is_refused(tiny):
 
     tokenizer = CLIPTokenizer()
     tokenizer.add_tokens(["<new-thing>"])
-    parts = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
     # The tiny model's components: what is checked is the tokenizer's.
     sd = StableDiffusion(
-        32, 32, config="tiny", tokenizer=tokenizer, **{p: getattr(tiny, p) for p in parts}
+        32, 32, config="tiny", tokenizer=tokenizer, **{p: getattr(tiny, p) for p in MODELS}
     )
     with pytest.raises(ValueError, match="token embeddings"):
         sd.encode_text("a <new-thing>")

@@ -22,7 +22,6 @@ import numpy as np
 from keras import ops
 
 from keras_sd import backend
-from keras_sd.backend import programs
 
 
 class Sampler:
@@ -107,7 +106,7 @@ class Sampler:
         from_host = callback is not None and not in_program
         key = (
             "sampler",
-            programs.architecture_key(self.unet),
+            backend.architecture_key(self.unet),
             type(scheduler),
             json.dumps(scheduler.get_config(), sort_keys=True, default=str),
             guided,
@@ -116,7 +115,7 @@ class Sampler:
             in_program,
         )
         build = partial(_loop_fn, scheduler=scheduler, guided=guided, report=in_program)
-        program = programs.shared_program(key, build, self.jit_compile)
+        program = backend.shared_program(key, build, self.jit_compile)
         tables = {k: ops.convert_to_tensor(v) for k, v in schedule.items()}
         steps = len(schedule["timesteps"])
         chunk = _host_chunk(steps - first) if from_host else steps - first

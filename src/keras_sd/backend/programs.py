@@ -51,7 +51,10 @@ def register_shareable(cls):
     CLIP text encoder are registered; returns `cls`, so it also works as a decorator.
 
     Example:
-    >>> _ = register_shareable(keras.layers.Dense)
+    >>> class Projection(keras.layers.Dense):
+    ...     pass
+    >>> register_shareable(Projection) is Projection
+    True
     """
     _shareable.add(cls)
     return cls
@@ -63,13 +66,16 @@ def architecture_key(model) -> tuple:
     and dtypes; for any other model, the model itself (it shares with no other).
 
     Example:
-    >>> _ = register_shareable(keras.layers.Dense)
-    >>> dense = keras.layers.Dense(2, name="a")
-    >>> dense.build((None, 3))
-    >>> other = keras.layers.Dense(2, name="b")
-    >>> other.build((None, 3))
-    >>> architecture_key(dense) == architecture_key(other)
+    >>> @register_shareable
+    ... class Projection(keras.layers.Dense):
+    ...     pass
+    >>> first, second = Projection(2, name="a"), Projection(2, name="b")
+    >>> first.build((None, 3))
+    >>> second.build((None, 3))
+    >>> architecture_key(first) == architecture_key(second)
     True
+    >>> architecture_key(keras.layers.Dense(2)) == architecture_key(keras.layers.Dense(2))
+    False
     """
     if type(model) not in _shareable:
         return (type(model), _unshared.setdefault(model, object()))
